@@ -1,0 +1,1 @@
+"""Public functional API and ``nn.Module`` wrappers, one module per loss family."""

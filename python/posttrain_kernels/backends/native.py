@@ -1,0 +1,94 @@
+"""The C++ (CPU) and CUDA kernels of ``posttrain_kernels._C``, called with raw pointers.
+
+``_C`` is torch-free, so tensors cross the boundary as ``data_ptr()`` + sizes + strides + a dtype
+code; outputs are allocated here. CUDA launches go on the current stream of the logits' device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._extension import DTYPE_CODES, load_extension
+
+Tensor = torch.Tensor
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class NativeBackend:
+    """Launchers over ``_C.<op>_<suffix>``; ``suffix`` is ``"cpu"`` or ``"cuda"``."""
+
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+
+    def _fn(self, name: str):
+        ext = load_extension()
+        fn = None if ext is None else getattr(ext, f"{name}_{self.suffix}", None)
+        if fn is None:
+            raise RuntimeError(
+                f"posttrain_kernels: backend={self.suffix!r} needs the native extension built with "
+                f"{self.suffix.upper()} kernels; run `python -m posttrain_kernels info` to see "
+                "which backends are live"
+            )
+        return fn
+
+    def _stream(self, t: Tensor) -> dict:
+        if self.suffix != "cuda":
+            return {}
+        return {"stream": torch.cuda.current_stream(t.device).cuda_stream}
+
+    def token_logprobs_forward(self, logits: Tensor, labels: Tensor, inv_temperature: float,
+                               ignore_index: int, compute_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        n, v = logits.shape
+        k = labels.shape[1]
+        f32 = dict(device=logits.device, dtype=torch.float32)
+        logp = torch.empty((n, k), **f32)
+        entropy = torch.empty((n if compute_entropy else 0,), **f32)
+        lse = torch.empty((n,), **f32)
+        self._fn("token_logprobs_forward")(
+            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels), k,
+            float(inv_temperature), int(ignore_index), _ptr(logp),
+            _ptr(entropy) if compute_entropy else 0, _ptr(lse), **self._stream(logits))
+        return logp, entropy, lse
+
+    def token_logprobs_backward(self, logits: Tensor, labels: Tensor, lse: Tensor,
+                                entropy: Optional[Tensor], grad_logp: Optional[Tensor],
+                                grad_entropy: Optional[Tensor], inv_temperature: float,
+                                ignore_index: int) -> Tensor:
+        n, v = logits.shape
+        grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+        self._fn("token_logprobs_backward")(
+            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
+            labels.shape[1], float(inv_temperature), int(ignore_index), _ptr(lse),
+            _ptr(entropy) if grad_entropy is not None else 0, _ptr(grad_logp), _ptr(grad_entropy),
+            _ptr(grad_logits), **self._stream(logits))
+        return grad_logits
+
+    def cross_entropy_forward(self, logits: Tensor, labels: Tensor, ignore_index: int,
+                              label_smoothing: float, z_loss: float, softcap: float) -> Tuple[Tensor, Tensor]:
+        n, v = logits.shape
+        loss = torch.empty((n,), device=logits.device, dtype=torch.float32)
+        lse = torch.empty((n,), device=logits.device, dtype=torch.float32)
+        self._fn("cross_entropy_forward")(
+            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
+            int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(loss),
+            _ptr(lse), **self._stream(logits))
+        return loss, lse
+
+    def cross_entropy_backward(self, logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
+                               ignore_index: int, label_smoothing: float, z_loss: float,
+                               softcap: float) -> Tensor:
+        n, v = logits.shape
+        grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+        self._fn("cross_entropy_backward")(
+            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
+            int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(lse),
+            _ptr(grad_loss), _ptr(grad_logits), **self._stream(logits))
+        return grad_logits
+
+
+cpu = NativeBackend("cpu")
+cuda = NativeBackend("cuda")

@@ -1,0 +1,121 @@
+"""Pure-PyTorch launchers of the token log-prob family, chunked over rows.
+
+The fallback for CPU tensors when ``_C`` is not built, and a device-agnostic path. Each chunk of
+rows is upcast to fp32 on its own, so the extra memory is O(chunk x vocab), never O(rows x vocab)
+beyond the logits gradient itself; the math is the same closed form as the fused kernels.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+# fp32 elements per chunk (64 MiB): the bound on the temporaries of one chunk.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(n_rows: int, vocab: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+def _safe(labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    ignored = labels == ignore_index
+    return labels.masked_fill(ignored, 0), ignored
+
+
+def _xlogits_entropy_term(p: Tensor, x: Tensor, c: Tensor) -> Tensor:
+    # p * (x + c) with 0 where p == 0, so -inf logits give 0 rather than 0 * -inf = nan.
+    return torch.where(p > 0, p * (x + c), torch.zeros_like(p))
+
+
+def token_logprobs_forward(logits: Tensor, labels: Tensor, inv_temperature: float,
+                           ignore_index: int, compute_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    n, v = logits.shape
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    logp = torch.empty(labels.shape, **f32)
+    entropy = torch.empty((n if compute_entropy else 0,), **f32)
+    lse = torch.empty((n,), **f32)
+    for sl in _chunks(n, v):
+        x = logits[sl].float() * inv_temperature
+        l = torch.logsumexp(x, dim=-1)
+        safe, ignored = _safe(labels[sl], ignore_index)
+        row_ignored = ignored.all(-1)
+        logp[sl] = (x.gather(-1, safe) - l[:, None]).masked_fill(ignored, 0.0)
+        if compute_entropy:
+            # log_softmax subtracts the row max first, so x - lse keeps its precision at |x| ~ 1e4
+            logp_all = torch.log_softmax(x, dim=-1)
+            p = logp_all.exp()
+            h = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+            entropy[sl] = h.masked_fill(row_ignored, 0.0)
+        lse[sl] = l.masked_fill(row_ignored, 0.0)
+    return logp, entropy, lse
+
+
+def token_logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Optional[Tensor],
+                            grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                            inv_temperature: float, ignore_index: int) -> Tensor:
+    n, v = logits.shape
+    grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+    for sl in _chunks(n, v):
+        x = logits[sl].float() * inv_temperature
+        l = lse[sl][:, None]
+        p = torch.exp(x - l)
+        safe, ignored = _safe(labels[sl], ignore_index)
+        dx = torch.zeros_like(x)
+        if grad_logp is not None:
+            g = grad_logp[sl].masked_fill(ignored, 0.0)
+            dx -= g.sum(-1, keepdim=True) * p
+            dx.scatter_add_(-1, safe, g)
+        if grad_entropy is not None:
+            c = (entropy[sl] - lse[sl])[:, None]
+            dx -= grad_entropy[sl][:, None] * _xlogits_entropy_term(p, x, c)
+        dx.masked_fill_(ignored.all(-1, keepdim=True), 0.0)
+        grad_logits[sl] = dx * inv_temperature
+    return grad_logits
+
+
+def _capped(logits: Tensor, softcap: float) -> Tensor:
+    x = logits.float()
+    return softcap * torch.tanh(x / softcap) if softcap > 0 else x
+
+
+def cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int, label_smoothing: float,
+                          z_loss: float, softcap: float) -> Tuple[Tensor, Tensor]:
+    n, v = logits.shape
+    loss = torch.empty((n,), device=logits.device, dtype=torch.float32)
+    lse = torch.empty((n,), device=logits.device, dtype=torch.float32)
+    eps = label_smoothing
+    for sl in _chunks(n, v):
+        x = _capped(logits[sl], softcap)
+        l = torch.logsumexp(x, dim=-1)
+        safe, ignored = _safe(labels[sl], ignore_index)
+        row = (1.0 - eps) * (l - x.gather(-1, safe[:, None])[:, 0]) + z_loss * l * l
+        if eps:
+            row = row + eps * (l - x.mean(-1))
+        loss[sl] = row.masked_fill(ignored, 0.0)
+        lse[sl] = l.masked_fill(ignored, 0.0)
+    return loss, lse
+
+
+def cross_entropy_backward(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
+                           ignore_index: int, label_smoothing: float, z_loss: float,
+                           softcap: float) -> Tensor:
+    n, v = logits.shape
+    grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+    eps = label_smoothing
+    for sl in _chunks(n, v):
+        x = _capped(logits[sl], softcap)
+        l = lse[sl][:, None]
+        safe, ignored = _safe(labels[sl], ignore_index)
+        g = grad_loss[sl].masked_fill(ignored, 0.0)[:, None]
+        dx = g * (torch.exp(x - l) * (1.0 + 2.0 * z_loss * l) - eps / v)
+        dx.scatter_add_(-1, safe[:, None], -(1.0 - eps) * g)
+        if softcap > 0:
+            dx *= 1.0 - (x / softcap) ** 2
+        # Ignored rows carry lse = 0, so exp(x - lse) may overflow there: clear them last.
+        grad_logits[sl] = dx.masked_fill_(ignored[:, None], 0.0)
+    return grad_logits

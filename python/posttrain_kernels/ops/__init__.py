@@ -1,0 +1,1 @@
+"""Autograd functions and ``torch.library`` custom ops (traceable by ``torch.compile(fullgraph=True)``)."""

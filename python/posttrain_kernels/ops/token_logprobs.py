@@ -1,0 +1,121 @@
+"""Custom ops + autograd for the token log-prob family (``posttrain_kernels::*``).
+
+Each op takes 2-D operands (rows x vocab, unit stride along the vocabulary) and the name of a
+concrete backend (see ``posttrain_kernels.dispatch``); it allocates its outputs and never mutates an
+input, so ``torch.compile`` can trace it as an opaque node with a fake (shape-only) implementation.
+The forward keeps O(rows) state (lse, entropy) and the backward recomputes the softmax from it.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..dispatch import launchers
+
+_F32 = torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# token_logprobs
+
+
+@torch.library.custom_op("posttrain_kernels::token_logprobs_forward", mutates_args=())
+def token_logprobs_forward(logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int,
+                           compute_entropy: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """logits (N, V), labels int64 (N, K) -> logp (N, K), entropy (N,) or (0,), lse (N,), all fp32."""
+    return launchers(backend).token_logprobs_forward(logits, labels, inv_temperature, ignore_index,
+                                                     compute_entropy)
+
+
+@token_logprobs_forward.register_fake
+def _(logits, labels, inv_temperature, ignore_index, compute_entropy, backend):
+    n, k = labels.shape
+    return (logits.new_empty((n, k), dtype=_F32),
+            logits.new_empty((n if compute_entropy else 0,), dtype=_F32),
+            logits.new_empty((n,), dtype=_F32))
+
+
+@torch.library.custom_op("posttrain_kernels::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
+                            grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                            inv_temperature: float, ignore_index: int, backend: str) -> Tensor:
+    """The logits gradient (N, V) in the logits dtype, written once."""
+    return launchers(backend).token_logprobs_backward(logits, labels, lse, entropy, grad_logp,
+                                                      grad_entropy, inv_temperature, ignore_index)
+
+
+@token_logprobs_backward.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_token_logprobs(ctx, inputs, output):
+    logits, labels, inv_temperature, ignore_index, compute_entropy, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.args = (inv_temperature, ignore_index, compute_entropy, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_token_logprobs(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    inv_temperature, ignore_index, compute_entropy, backend = ctx.args
+    if grad_logp is not None:
+        grad_logp = grad_logp.to(_F32).contiguous()
+    if not compute_entropy or grad_entropy is None:
+        grad_entropy = None
+    else:
+        grad_entropy = grad_entropy.to(_F32).contiguous()
+    grad = token_logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy,
+                                   inv_temperature, ignore_index, backend)
+    return grad, None, None, None, None, None
+
+
+token_logprobs_forward.register_autograd(_backward_token_logprobs, setup_context=_setup_token_logprobs)
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy
+
+
+@torch.library.custom_op("posttrain_kernels::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int, label_smoothing: float,
+                          z_loss: float, softcap: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """logits (N, V), labels int64 (N,) -> per-row loss (N,), lse (N,), fp32."""
+    return launchers(backend).cross_entropy_forward(logits, labels, ignore_index, label_smoothing,
+                                                    z_loss, softcap)
+
+
+@cross_entropy_forward.register_fake
+def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, backend):
+    n = labels.shape[0]
+    return logits.new_empty((n,), dtype=_F32), logits.new_empty((n,), dtype=_F32)
+
+
+@torch.library.custom_op("posttrain_kernels::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
+                           ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                           backend: str) -> Tensor:
+    return launchers(backend).cross_entropy_backward(logits, labels, lse, grad_loss, ignore_index,
+                                                     label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_backward.register_fake
+def _(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_cross_entropy(ctx, inputs, output):
+    logits, labels, ignore_index, label_smoothing, z_loss, softcap, backend = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_cross_entropy(ctx, grad_loss, _grad_lse):
+    logits, labels, lse = ctx.saved_tensors
+    grad = cross_entropy_backward(logits, labels, lse, grad_loss.to(_F32).contiguous(), *ctx.args)
+    return grad, None, None, None, None, None, None
+
+
+cross_entropy_forward.register_autograd(_backward_cross_entropy, setup_context=_setup_cross_entropy)

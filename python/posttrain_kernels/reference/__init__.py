@@ -1,0 +1,8 @@
+"""Eager PyTorch reference implementations: the oracle for tests and the baseline for benchmarks.
+
+They materialize everything (fp32 logits, full log-softmax) and rely on autograd, so they are simple
+enough to trust; every fused backend is tested against them by error budget.
+"""
+from .token_logprobs import cross_entropy_reference, token_logprobs_reference
+
+__all__ = ["token_logprobs_reference", "cross_entropy_reference"]
