@@ -1,0 +1,146 @@
+"""``python -m posttrain_kernels bench``: run the suite, print a table, write CSV / PNG / Markdown."""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+from typing import List
+
+import torch
+
+from .suite import OPS, Row, run_suite
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
+    p.add_argument("--rows", type=int, default=None, help="rows (tokens); default 4096 on CPU, 16384 on CUDA")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary; default 32000 on CPU, 128256 on CUDA")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
+    p.add_argument("--out", default=None,
+                   help="directory for results.csv, results.md and results.png "
+                        "(e.g. benchmarks/results/<device>)")
+    p.add_argument("--csv", default=None, help="write the CSV here")
+    p.add_argument("--png", default=None, help="write the plot here (needs matplotlib)")
+
+
+def device_tag(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name = f"cpu-{name}-{os.cpu_count()}c"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def format_table(rows: List[Row]) -> str:
+    head = ["op", "dtype", "impl", "time ms", "vs eager", "vs compile", "peak extra MiB", "peak/grad"]
+    if any(r.pct_copy_bandwidth is not None for r in rows):
+        head.append("% copy BW")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        cells = [r.op, r.dtype, r.impl, fmt(r.time_ms, ".1f"), fmt(r.speedup_vs_eager, ".2f") + "x",
+                 fmt(r.speedup_vs_compile, ".2f") + ("x" if r.speedup_vs_compile else ""),
+                 fmt(r.peak_extra_mib, ".0f"), fmt(r.peak_over_grad, ".2f")]
+        if len(head) > 8:
+            cells.append(fmt(r.pct_copy_bandwidth, ".0f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: List[Row], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].as_dict().keys()))
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.as_dict())
+
+
+def write_png(rows: List[Row], path: str, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
+        return False
+    groups = sorted({(r.op, r.dtype) for r in rows}, key=lambda g: (OPS.index(g[0]), g[1]))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 2.6 * len(groups)), squeeze=False)
+    for i, (op, dt) in enumerate(groups):
+        sel = [r for r in rows if r.op == op and r.dtype == dt]
+        names = [r.impl for r in sel]
+        colors = ["tab:green" if n.startswith("ptk") else "tab:gray" for n in names]
+        axes[i][0].barh(names, [r.time_ms for r in sel], color=colors)
+        axes[i][0].set_xlabel("forward + backward, ms (lower is better)")
+        axes[i][0].set_title(f"{op}, {dt}", fontsize=9)
+        axes[i][1].barh(names, [r.peak_extra_mib or 0 for r in sel], color=colors)
+        axes[i][1].axvline(sel[0].grad_mib, color="k", ls="--", lw=1)
+        axes[i][1].set_xlabel("peak extra memory, MiB (dashed: the logits gradient)")
+        for ax in axes[i]:
+            ax.invert_yaxis()
+            ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = args.rows or (16384 if device.type == "cuda" else 4096)
+    vocab = args.vocab or (128256 if device.type == "cuda" else 32000)
+    repeats, warmup = args.repeats, args.warmup
+    if args.quick:
+        rows, vocab, repeats, warmup = min(rows, 256), min(vocab, 4099), 1, 1
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    for o in ops:
+        if o not in OPS:
+            raise SystemExit(f"--ops: expected names from {OPS}, got {o!r}")
+    dtypes = []
+    for d in args.dtypes.split(","):
+        if d.strip() not in DTYPES:
+            raise SystemExit(f"--dtypes: expected names from {tuple(DTYPES)}, got {d!r}")
+        dtypes.append(DTYPES[d.strip()])
+    t0 = time.time()
+    print(f"posttrain_kernels bench: {rows} x {vocab} on {device} ({device_tag(device)}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    results = run_suite(ops, dtypes, rows, vocab, device, repeats, warmup, not args.no_compile,
+                        progress=lambda s: print(f"  {s} ({time.time() - t0:.0f}s)", flush=True))
+    table = format_table(results)
+    print(table)
+    title = f"{rows} x {vocab}, {device_tag(device)}, torch {torch.__version__}"
+    csv_path, png_path = args.csv, args.png
+    if args.out:
+        csv_path = csv_path or os.path.join(args.out, "results.csv")
+        png_path = png_path or os.path.join(args.out, "results.png")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(f"Forward + backward, {title}; command: `python -m posttrain_kernels bench "
+                    f"{' '.join(sys.argv[2:]) if len(sys.argv) > 2 else ''}`\n\n{table}\n")
+    if csv_path:
+        write_csv(results, csv_path)
+        print(f"wrote {csv_path}")
+    if png_path and write_png(results, png_path, title):
+        print(f"wrote {png_path}")
+    return 0

@@ -1,0 +1,140 @@
+"""Benchmarks of the token log-prob family: forward + backward time and peak extra memory of the
+fused backends side by side with the eager reference, ``torch.compile`` of it, and TRL's
+``selective_log_softmax`` when TRL is installed, all in one run."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from posttrain_kernels import cross_entropy, token_logprobs
+from posttrain_kernels.dispatch import live_backends
+from posttrain_kernels.reference import cross_entropy_reference, token_logprobs_reference
+
+from .measure import copy_bandwidth, peak_extra_bytes, time_call
+
+OPS = ("logprobs", "logprobs+entropy", "cross_entropy")
+
+
+@dataclass
+class Row:
+    op: str
+    device: str
+    dtype: str
+    rows: int
+    vocab: int
+    impl: str
+    time_ms: float
+    peak_extra_mib: Optional[float]
+    grad_mib: float
+    peak_over_grad: Optional[float]
+    speedup_vs_eager: Optional[float] = None
+    speedup_vs_compile: Optional[float] = None
+    pct_copy_bandwidth: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _trl_functions() -> Dict[str, Callable]:
+    try:
+        utils = importlib.import_module("trl.trainer.utils")
+    except Exception:  # not installed, or its dependencies are missing
+        return {}
+    out = {}
+    if hasattr(utils, "selective_log_softmax"):
+        out["logprobs"] = lambda x, y: utils.selective_log_softmax(x, y).float().sum()
+    if hasattr(utils, "selective_log_softmax_and_entropy"):
+        def both(x, y):
+            lp, h = utils.selective_log_softmax_and_entropy(x, y)
+            return lp.float().sum() + h.float().sum()
+        out["logprobs+entropy"] = both
+    return out
+
+
+def implementations(op: str, device: torch.device, compile_reference: bool) -> Dict[str, Callable]:
+    """name -> fn(logits, labels) returning a scalar whose backward is the benchmarked backward."""
+    impls: Dict[str, Callable] = {}
+    if op == "cross_entropy":
+        ref = lambda x, y: cross_entropy_reference(x, y)  # noqa: E731
+        impls["eager"] = ref
+        impls["torch F.cross_entropy"] = lambda x, y: torch.nn.functional.cross_entropy(x, y)
+        if compile_reference:
+            impls["torch.compile"] = torch.compile(ref)
+    else:
+        ent = op == "logprobs+entropy"
+
+        def ref(x, y):
+            lp, h = token_logprobs_reference(x, y, 1.0, -100, ent)
+            return lp.sum() + (h.sum() if ent else 0.0)
+
+        impls["eager"] = ref
+        if compile_reference:
+            impls["torch.compile"] = torch.compile(ref)
+        trl = _trl_functions()
+        if op in trl:
+            impls["trl " + ("selective_log_softmax" if op == "logprobs" else
+                            "selective_log_softmax_and_entropy")] = trl[op]
+    live = live_backends()
+    names = ["cpu", "torch"] if device.type == "cpu" else ["triton", "cuda"]
+    for name in names:
+        if not live.get(name):
+            continue
+        if op == "cross_entropy":
+            impls[f"ptk {name}"] = lambda x, y, b=name: cross_entropy(x, y, backend=b)
+        else:
+            ent = op == "logprobs+entropy"
+
+            def fused(x, y, b=name, ent=ent):
+                lp, h = token_logprobs(x, y, return_entropy=ent, backend=b)
+                return lp.sum() + (h.sum() if ent else 0.0)
+
+            impls[f"ptk {name}"] = fused
+    return impls
+
+
+def run_suite(ops: List[str], dtypes: List[torch.dtype], rows: int, vocab: int,
+              device: torch.device, repeats: int, warmup: int, compile_reference: bool,
+              progress: Callable[[str], None] = print) -> List[Row]:
+    results: List[Row] = []
+    bw = copy_bandwidth(rows * vocab * 2, device) if device.type == "cuda" else None
+    for op in ops:
+        impls = implementations(op, device, compile_reference)
+        for dtype in dtypes:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            logits = (torch.randn(rows, vocab, generator=gen) * 2).to(device=device, dtype=dtype)
+            logits.requires_grad_(True)
+            labels = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+            grad_bytes = logits.numel() * logits.element_size()
+            op_rows: List[Row] = []
+            for i, (name, fn) in enumerate(impls.items()):
+                progress(f"[{op} {str(dtype)[6:]}] {i + 1}/{len(impls)} {name}")
+
+                def step(fn=fn):
+                    logits.grad = None
+                    fn(logits, labels).backward()
+
+                t = time_call(step, device, repeats, warmup)
+                logits.grad = None
+                peak = peak_extra_bytes(step, device)
+                logits.grad = None
+                row = Row(op=op, device=str(device), dtype=str(dtype)[6:], rows=rows, vocab=vocab,
+                          impl=name, time_ms=t * 1e3,
+                          peak_extra_mib=None if peak is None else peak / 2**20,
+                          grad_mib=grad_bytes / 2**20,
+                          peak_over_grad=None if peak is None else peak / grad_bytes)
+                if bw is not None and name.startswith("ptk"):
+                    # the fused forward reads the logits once, the backward reads them and writes
+                    # the gradient once: 3 passes over rows x vocab elements
+                    row.pct_copy_bandwidth = 100.0 * 3 * grad_bytes / t / bw
+                op_rows.append(row)
+            base = {r.impl: r.time_ms for r in op_rows}
+            for r in op_rows:
+                r.speedup_vs_eager = base["eager"] / r.time_ms
+                if "torch.compile" in base:
+                    r.speedup_vs_compile = base["torch.compile"] / r.time_ms
+            results.extend(op_rows)
+            del logits
+    return results
