@@ -46,5 +46,5 @@ void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64
                             float label_smoothing, float z_loss, float softcap, const float* lse,
                             const float* grad_loss, void* grad_logits, void* stream);
 
-}  // namespace cpu
+}  // namespace cuda
 }  // namespace ptk

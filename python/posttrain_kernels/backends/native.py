@@ -5,6 +5,7 @@ code; outputs are allocated here. CUDA launches go on the current stream of the 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -35,6 +36,10 @@ class NativeBackend:
             )
         return fn
 
+    def _on_device(self, t: Tensor):
+        # The CUDA kernels launch on the calling thread's current device.
+        return torch.cuda.device(t.device) if self.suffix == "cuda" else contextlib.nullcontext()
+
     def _stream(self, t: Tensor) -> dict:
         if self.suffix != "cuda":
             return {}
@@ -48,10 +53,11 @@ class NativeBackend:
         logp = torch.empty((n, k), **f32)
         entropy = torch.empty((n if compute_entropy else 0,), **f32)
         lse = torch.empty((n,), **f32)
-        self._fn("token_logprobs_forward")(
-            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels), k,
-            float(inv_temperature), int(ignore_index), _ptr(logp),
-            _ptr(entropy) if compute_entropy else 0, _ptr(lse), **self._stream(logits))
+        with self._on_device(logits):
+            self._fn("token_logprobs_forward")(
+                _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels), k,
+                float(inv_temperature), int(ignore_index), _ptr(logp),
+                _ptr(entropy) if compute_entropy else 0, _ptr(lse), **self._stream(logits))
         return logp, entropy, lse
 
     def token_logprobs_backward(self, logits: Tensor, labels: Tensor, lse: Tensor,
@@ -60,11 +66,12 @@ class NativeBackend:
                                 ignore_index: int) -> Tensor:
         n, v = logits.shape
         grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
-        self._fn("token_logprobs_backward")(
-            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
-            labels.shape[1], float(inv_temperature), int(ignore_index), _ptr(lse),
-            _ptr(entropy) if grad_entropy is not None else 0, _ptr(grad_logp), _ptr(grad_entropy),
-            _ptr(grad_logits), **self._stream(logits))
+        with self._on_device(logits):
+            self._fn("token_logprobs_backward")(
+                _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
+                labels.shape[1], float(inv_temperature), int(ignore_index), _ptr(lse),
+                _ptr(entropy) if grad_entropy is not None else 0, _ptr(grad_logp), _ptr(grad_entropy),
+                _ptr(grad_logits), **self._stream(logits))
         return grad_logits
 
     def cross_entropy_forward(self, logits: Tensor, labels: Tensor, ignore_index: int,
@@ -72,10 +79,11 @@ class NativeBackend:
         n, v = logits.shape
         loss = torch.empty((n,), device=logits.device, dtype=torch.float32)
         lse = torch.empty((n,), device=logits.device, dtype=torch.float32)
-        self._fn("cross_entropy_forward")(
-            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
-            int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(loss),
-            _ptr(lse), **self._stream(logits))
+        with self._on_device(logits):
+            self._fn("cross_entropy_forward")(
+                _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
+                int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(loss),
+                _ptr(lse), **self._stream(logits))
         return loss, lse
 
     def cross_entropy_backward(self, logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
@@ -83,10 +91,11 @@ class NativeBackend:
                                softcap: float) -> Tensor:
         n, v = logits.shape
         grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
-        self._fn("cross_entropy_backward")(
-            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
-            int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(lse),
-            _ptr(grad_loss), _ptr(grad_logits), **self._stream(logits))
+        with self._on_device(logits):
+            self._fn("cross_entropy_backward")(
+                _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
+                int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(lse),
+                _ptr(grad_loss), _ptr(grad_logits), **self._stream(logits))
         return grad_logits
 
 
