@@ -44,8 +44,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     validate_backend(backend)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "auto")
-        if env != "auto":
-            backend = validate_backend(env)
+        if env not in BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR}: expected one of {BACKENDS}, got {env!r}")
+        backend = env
     if backend == "auto":
         if device.type == "cuda":
             if triton_available():
