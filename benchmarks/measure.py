@@ -23,17 +23,25 @@ def _pin_glibc_mmap_threshold() -> None:
     tensors stay in the heap and no longer show in the resident set; an explicit threshold turns
     that adjustment off, so VmHWM - VmRSS measures the extra memory of a call.
     """
+    if _LIBC is None:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _LIBC.mallopt(m_mmap_threshold, 1 << 20)
+    _LIBC.mallopt(m_trim_threshold, 1 << 20)
+
+
+def _load_glibc():
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-        libc.mallopt(m_trim_threshold, 1 << 20)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
 
 
+_LIBC = _load_glibc()
 _pin_glibc_mmap_threshold()
 
 
@@ -87,6 +95,10 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    # Free heap chunks left by earlier cases could serve this call's allocations without new
+    # resident pages; giving them back to the kernel first makes every page the call touches count.
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
     if not _reset_hwm():
         return None
     base = _status_kib("VmRSS")
