@@ -146,8 +146,10 @@ def _token_logprobs_fwd_kernel(
     for k in range(0, K):
         lab = tl.load(labels_row + k * stride_labels_k)
         keep = lab != ignore_index
-        # out-of-range labels are never read (undefined value, but no out-of-bounds access)
-        x_y = tl.load(logits_row + lab, mask=keep & (lab >= 0) & (lab < V), other=0.0).to(tl.float32) * inv_t
+        # an out-of-range label (unchecked only under torch.compile / on the GPU) is never read:
+        # its log-prob is nan, as in the CPU and CUDA kernels, so the error shows
+        in_range = (lab >= 0) & (lab < V)
+        x_y = tl.load(logits_row + lab, mask=keep & in_range, other=float("nan")).to(tl.float32) * inv_t
         tl.store(logp_ptr + row * K + k, tl.where(keep, (x_y - m) - log_s, 0.0))
 
 
@@ -272,8 +274,9 @@ def _cross_entropy_fwd_kernel(
     m = tl.where(row_valid, m, 0.0)
     log_s = tl.log(tl.where(row_valid, s, 1.0))
     lse = m + log_s
-    in_range = row_valid & (lab >= 0) & (lab < V)  # out-of-range labels are never read
-    x_y = tl.load(logits_row + lab, mask=in_range, other=0.0).to(tl.float32)
+    # out-of-range labels are never read: nan, as in the CPU and CUDA kernels; ignored rows read 0
+    in_range = row_valid & (lab >= 0) & (lab < V)
+    x_y = tl.load(logits_row + lab, mask=in_range, other=tl.where(row_valid, float("nan"), 0.0)).to(tl.float32)
     if HAS_SOFTCAP:
         x_y = softcap * _tanh(x_y * inv_softcap)
     loss = (1.0 - label_smoothing) * ((m - x_y) + log_s)

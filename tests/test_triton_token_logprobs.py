@@ -470,3 +470,14 @@ def test_launch_config():
     for v in (1, 7, 300, 4097, 32003, 151936):
         block, warps = tk.launch_config(v)
         assert block & (block - 1) == 0 and 16 <= block <= tk.MAX_BLOCK_V and warps in (1, 2, 4, 8)
+
+
+def test_out_of_range_labels_give_nan_without_reading():
+    # labels are unchecked where the Python check cannot run (torch.compile, GPU tensors): the
+    # kernels must not read outside the row and must make the error visible as nan
+    logits = torch.randn(3, 5)
+    labels = torch.tensor([[0], [5], [IGN]])
+    logp, _, _ = tk.token_logprobs_forward(logits, labels, 1.0, IGN, False)
+    assert torch.isfinite(logp[0]).all() and torch.isnan(logp[1]).all() and logp[2].item() == 0.0
+    loss, _ = tk.cross_entropy_forward(logits, torch.tensor([-1, 1, IGN]), IGN, 0.0, 0.0, 0.0)
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1]) and loss[2].item() == 0.0

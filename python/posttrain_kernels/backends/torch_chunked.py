@@ -12,8 +12,8 @@ import torch
 
 Tensor = torch.Tensor
 
-# fp32 elements per chunk (64 MiB): the bound on the temporaries of one chunk.
-_CHUNK_ELEMENTS = 1 << 24
+# fp32 elements per chunk (16 MiB): the bound on each temporary of one chunk.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _chunks(n_rows: int, vocab: int) -> Iterator[slice]:
