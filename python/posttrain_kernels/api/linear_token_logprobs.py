@@ -1,0 +1,181 @@
+"""Fused-linear token log-probs, entropy and cross-entropy: losses from hidden states and the head
+weight, without a ``tokens x vocab`` logits tensor in memory."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _validation as V
+from ..dispatch import resolve_backend
+from ..ops.linear_token_logprobs import (LinearCrossEntropyRows, LinearCrossEntropyScalar,
+                                         LinearTokenLogprobs)
+from ..reference import linear_cross_entropy_reference, linear_token_logprobs_reference
+from .token_logprobs import REDUCTIONS
+
+CHUNK_BYTES_ENV = "POSTTRAIN_KERNELS_CHUNK_BYTES"
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def default_chunk_rows(vocab: int, element_size: int) -> int:
+    """Rows per chunk so that a chunk's logits and their gradient fit the memory budget
+    (``POSTTRAIN_KERNELS_CHUNK_BYTES``, default 64 MiB)."""
+    budget = int(os.environ.get(CHUNK_BYTES_ENV, DEFAULT_CHUNK_BYTES))
+    return max(1, budget // max(1, 2 * vocab * element_size))
+
+
+def _prepare(hidden, weight, bias, labels, chunk_size, single_only=False):
+    V.check_tensor("hidden", hidden, ndim_min=1)
+    V.check_tensor("weight", weight, ndim_min=2)
+    V.check_tensor("labels", labels)
+    V.check_float("hidden", hidden)
+    V.check_float("weight", weight)
+    V.check_integer("labels", labels)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape (V, H), got {tuple(weight.shape)}")
+    vocab, h = weight.shape
+    if hidden.shape[-1] != h:
+        raise ValueError(f"hidden: expected last dimension {h} (weight is {tuple(weight.shape)}), "
+                         f"got shape {tuple(hidden.shape)}")
+    if bias is not None:
+        V.check_tensor("bias", bias)
+        V.check_float("bias", bias)
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias: expected shape ({vocab},), got {tuple(bias.shape)}")
+    V.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    lead = tuple(hidden.shape[:-1])
+    if tuple(labels.shape) == lead:
+        k = 1
+    elif not single_only and labels.dim() == hidden.dim() and tuple(labels.shape[:-1]) == lead:
+        k = labels.shape[-1]
+    else:
+        want = f"{lead}" + ("" if single_only else f" or {lead + ('K',)}")
+        raise ValueError(f"labels: expected shape {want} for hidden of shape {tuple(hidden.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r}")
+    return vocab, h, k
+
+
+def _autocast_inputs(hidden, weight, bias):
+    """Under torch.autocast, cast once here so the forward and the backward's recomputation of the
+    logits use the same dtype (autocast is off inside the autograd function)."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    elif hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden: expected the dtype of weight ({weight.dtype}) outside "
+                        f"torch.autocast, got {hidden.dtype}")
+    return hidden, weight, bias
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    chunk_size: Optional[int] = None,
+    fp32_logits: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Token log-probs (and entropy) of ``hidden @ weight.T + bias``, never materializing the logits.
+
+    Args:
+        hidden: ``(..., H)`` float32 / bfloat16 / float16 (e.g. ``hidden[:, :-1]``, non-contiguous).
+        weight: ``(V, H)``, the head weight as ``nn.Linear`` stores it (tied embeddings work).
+        labels: ``(...)`` or ``(..., K)`` integer, in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``(V,)``.
+        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
+        softcap: ``None`` or ``c > 0``: logits become ``c * tanh(logits / c)`` (before temperature).
+        logit_scale: multiplies the logits first (e.g. Cohere's / Granite's logit scaling).
+        chunk_size: rows per chunk; default from a memory budget of
+            ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB) for a chunk's logits and their gradient.
+        fp32_logits: compute the head matmul in fp32 even for bf16/fp16 inputs (log-probs that match
+            an inference engine computing fp32 logits).
+        backend: backend of the per-chunk kernels (``"auto"``, ``"cpu"``, ``"triton"``, ...).
+
+    Returns:
+        ``(logp, entropy)`` fp32, as ``token_logprobs(softcap(logit_scale * (hidden @ weight.T +
+        bias)), labels, temperature=...)``; differentiable in ``hidden``, ``weight`` and ``bias``
+        with any upstream gradient. The forward keeps O(tokens) state; the backward recomputes each
+        chunk's logits; the weight gradient is accumulated across chunks in fp32. Extra memory is
+        O(chunk x V).
+    """
+    vocab, h, k = _prepare(hidden, weight, bias, labels, chunk_size)
+    temperature = V.check_positive("temperature", temperature)
+    cap = 0.0 if softcap is None else V.check_positive("softcap", softcap)
+    scale = float(logit_scale)
+    name = resolve_backend(backend, hidden.device)
+    V.check_label_range(labels, vocab, ignore_index)
+    if name == "reference":
+        return linear_token_logprobs_reference(hidden, weight, labels, bias, temperature,
+                                               ignore_index, return_entropy, softcap, scale)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    lead = hidden.shape[:-1]
+    chunk = chunk_size or default_chunk_rows(vocab, 4 if fp32_logits else hidden.element_size())
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, entropy, _ = LinearTokenLogprobs.apply(
+            hidden.reshape(-1, h), weight, bias, labels.reshape(-1, k).to(torch.int64).contiguous(),
+            1.0 / temperature, int(ignore_index), bool(return_entropy), cap, scale, chunk,
+            bool(fp32_logits), name)
+    return logp.reshape(labels.shape), (entropy.reshape(lead) if return_entropy else None)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+    fp32_logits: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """The SFT cross-entropy of ``hidden @ weight.T + bias`` without the logits in memory.
+
+    Shapes and arguments as :func:`linear_token_logprobs` (labels ``(...)`` only) and
+    :func:`cross_entropy` (``label_smoothing``, ``z_loss``, ``softcap``, ``reduction``). Equal to
+    ``cross_entropy(logit_scale * (hidden @ weight.T + bias), labels, ...)``. For ``"mean"`` and
+    ``"sum"`` the gradients are computed during the forward (three matmuls instead of four) and the
+    backward scales them by the upstream gradient; ``"none"`` keeps the lse and recomputes.
+    Returns fp32.
+    """
+    vocab, h, _ = _prepare(hidden, weight, bias, labels, chunk_size, single_only=True)
+    V.check_choice("reduction", reduction, REDUCTIONS)
+    eps = V.check_range("label_smoothing", label_smoothing, 0.0, 1.0, hi_inclusive=True)
+    z = V.check_range("z_loss", z_loss, 0.0, float("inf"))
+    cap = 0.0 if softcap is None else V.check_positive("softcap", softcap)
+    scale = float(logit_scale)
+    name = resolve_backend(backend, hidden.device)
+    V.check_label_range(labels, vocab, ignore_index)
+    if name == "reference":
+        return linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, eps, z,
+                                              softcap, scale, reduction)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    chunk = chunk_size or default_chunk_rows(vocab, 4 if fp32_logits else hidden.element_size())
+    labels1d = labels.reshape(-1).to(torch.int64).contiguous()
+    with torch.autocast(hidden.device.type, enabled=False):
+        if reduction == "none":
+            loss = LinearCrossEntropyRows.apply(hidden.reshape(-1, h), weight, bias, labels1d,
+                                                int(ignore_index), eps, z, cap, scale, chunk,
+                                                bool(fp32_logits), name)
+            return loss.reshape(labels.shape)
+        return LinearCrossEntropyScalar.apply(hidden.reshape(-1, h), weight, bias, labels1d,
+                                              int(ignore_index), eps, z, cap, scale, chunk,
+                                              bool(fp32_logits), reduction == "mean", name)
