@@ -1,0 +1,186 @@
+"""Fused-linear log-probs / cross-entropy against the materialized reference, by error budget."""
+import pytest
+import torch
+
+import posttrain_kernels as ptk
+from posttrain_kernels.reference import linear_cross_entropy_reference, linear_token_logprobs_reference
+from budget import assert_within_budget
+from conftest import LIVE, fused_backends
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def make(rows, h, v, k, dtype, mask, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / max(h, 1) ** 0.5).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype) if bias else None
+    labels = torch.randint(0, v, (rows, k) if k > 1 else (rows,), generator=g)
+    if mask == "some":
+        labels[::3] = -100
+    elif mask == "all":
+        labels[:] = -100
+    return hidden, weight, b, labels
+
+
+def leafs(*ts, dtype=None):
+    return [None if t is None else t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for t in ts]
+
+
+def grads_of(out, upstream, params):
+    torch.autograd.backward(out, upstream)
+    return [None if p is None else p.grad for p in params]
+
+
+def check_all(got, ref, oracle, dtype, what):
+    for name, a, b, c in zip(what, got, ref, oracle):
+        if a is None:
+            assert c is None
+            continue
+        assert torch.isfinite(a.float()).all(), name
+        assert_within_budget(a, b, c, atol=2e-5, rtol=RTOL[dtype], what=name)
+
+
+def run_logprobs(backend, hidden, weight, bias, labels, dtype, **kw):
+    params = leafs(hidden, weight, bias, dtype=dtype)
+    fn = (lambda *a, **k: linear_token_logprobs_reference(*a[:3], k.pop("bias"), k.pop("temperature"), -100,
+                                                          True, k.pop("softcap"))) if backend == "reference" else None
+    if backend == "reference":
+        lp, ent = fn(params[0], params[1], labels, bias=params[2], **kw)
+    else:
+        lp, ent = ptk.linear_token_logprobs(params[0], params[1], labels, bias=params[2],
+                                            return_entropy=True, backend=backend, **kw)
+    g = torch.Generator().manual_seed(3)
+    up = [torch.randn(lp.shape, generator=g, dtype=lp.dtype), torch.randn(ent.shape, generator=g, dtype=ent.dtype)]
+    return [lp.detach(), ent.detach()] + grads_of([lp, ent], up, params)
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("h,v", [(1, 7), (33, 4097), (256, 7), (33, 32003)])
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("mask", ["none", "some", "all"])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_linear_token_logprobs(backend, device, dtype, h, v, k, mask, chunk):
+    rows = 6 if v == 32003 else 13
+    hidden, weight, bias, labels = make(rows, h, v, k, dtype, mask, bias=(h == 33))
+    kw = dict(temperature=0.7, softcap=(10.0 if v == 7 else None))
+    got = run_logprobs(backend, hidden, weight, bias, labels, dtype, chunk_size=chunk, **kw)
+    ref = run_logprobs("reference", hidden, weight, bias, labels, dtype, **kw)
+    oracle = run_logprobs("reference", hidden, weight, bias, labels, torch.float64, **kw)
+    check_all(got, ref, oracle, dtype, ["logp", "entropy", "grad hidden", "grad weight", "grad bias"])
+    if mask == "all":
+        assert all(t is None or (t == 0).all() for t in got)
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mask", ["none", "some", "all"])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5)],
+                         ids=["plain", "smooth-z-cap-scale"])
+def test_linear_cross_entropy(backend, device, dtype, reduction, mask, opts):
+    hidden, weight, bias, labels = make(11, 33, 4097, 1, dtype, mask, bias=True)
+
+    def run(be, dt):
+        params = leafs(hidden, weight, bias, dtype=dt)
+        if be == "reference":
+            out = linear_cross_entropy_reference(params[0], params[1], labels, params[2], -100,
+                                                 opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0),
+                                                 opts.get("softcap"), opts.get("logit_scale", 1.0), reduction)
+        else:
+            out = ptk.linear_cross_entropy(params[0], params[1], labels, bias=params[2], reduction=reduction,
+                                           chunk_size=3, backend=be, **opts)
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        return [out.detach()] + grads_of([out], [up], params)
+
+    got, ref, oracle = run(backend, dtype), run("reference", dtype), run("reference", torch.float64)
+    assert got[0].dtype == torch.float32
+    check_all(got, ref, oracle, dtype, ["loss", "grad hidden", "grad weight", "grad bias"])
+    if mask == "all":
+        assert all((t == 0).all() for t in got)
+
+
+@pytest.mark.skipif(not LIVE["triton"], reason="triton not runnable here")
+def test_linear_triton_small():
+    hidden, weight, bias, labels = make(5, 16, 300, 1, torch.float32, "some", bias=True)
+    got = run_logprobs("triton", hidden, weight, bias, labels, torch.float32, chunk_size=2, temperature=1.0, softcap=None)
+    ref = run_logprobs("reference", hidden, weight, bias, labels, torch.float32, temperature=1.0, softcap=None)
+    oracle = run_logprobs("reference", hidden, weight, bias, labels, torch.float64, temperature=1.0, softcap=None)
+    check_all(got, ref, oracle, torch.float32, ["logp", "entropy", "grad hidden", "grad weight", "grad bias"])
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+def test_frozen_tied_noncontiguous_and_no_mutation(backend, device):
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 16)            # tied: the head weight is the embedding matrix
+    seq = torch.randn(2, 7, 16, requires_grad=True)
+    hidden = seq[:, :-1]                        # non-contiguous
+    labels = torch.randint(0, 50, (2, 6))
+    before = emb.weight.detach().clone()
+    loss = ptk.linear_cross_entropy(hidden, emb.weight, labels, backend=backend)
+    loss.backward()
+    ref_seq = seq.detach().clone().requires_grad_(True)
+    ref_w = emb.weight.detach().clone().requires_grad_(True)
+    ref = linear_cross_entropy_reference(ref_seq[:, :-1], ref_w, labels)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq.grad, ref_seq.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(emb.weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
+    assert torch.equal(emb.weight.detach(), before)
+    # frozen head (LoRA): no weight gradient requested, hidden still gets one
+    w = torch.randn(50, 16)
+    h = torch.randn(5, 16, requires_grad=True)
+    lp, _ = ptk.linear_token_logprobs(h, w, torch.randint(0, 50, (5,)), backend=backend)
+    lp.sum().backward()
+    assert h.grad is not None and w.grad is None
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+def test_autocast_and_fp32_logits(backend, device):
+    torch.manual_seed(0)
+    h = torch.randn(6, 32, requires_grad=True)
+    w = torch.randn(97, 32, requires_grad=True)
+    y = torch.randint(0, 97, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ptk.linear_cross_entropy(h, w, y, backend=backend)
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    ref = linear_cross_entropy_reference(h.detach().bfloat16(), w.detach().bfloat16(), y)
+    torch.testing.assert_close(loss, ref.float(), atol=2e-2, rtol=2e-2)
+    # fp32 logits from bf16 weights match the fp32 computation of the same bf16 values
+    hb, wb = h.detach().bfloat16(), w.detach().bfloat16()
+    lp, _ = ptk.linear_token_logprobs(hb, wb, y, fp32_logits=True, backend=backend)
+    lr, _ = linear_token_logprobs_reference(hb.float(), wb.float(), y)
+    torch.testing.assert_close(lp, lr, atol=1e-5, rtol=1e-5)
+
+
+def test_peak_memory_scales_with_chunk_not_tokens():
+    pytest.importorskip("ctypes")
+    from posttrain_kernels.benchmarks.measure import peak_extra_bytes
+    if not LIVE["cpu"]:
+        pytest.skip("_C not built")
+    v, h = 32000, 64
+    weight = torch.randn(v, h, requires_grad=True)
+
+    def peak(rows, chunk):
+        hidden = torch.randn(rows, h, requires_grad=True)
+        labels = torch.randint(0, v, (rows,))
+
+        def step():
+            weight.grad = None
+            hidden.grad = None
+            ptk.linear_cross_entropy(hidden, weight, labels, chunk_size=chunk, backend="cpu").backward()
+        step()
+        return peak_extra_bytes(step, torch.device("cpu"))
+
+    p_small = peak(512, 64)
+    p_large = peak(4096, 64)
+    if p_small is None:
+        pytest.skip("peak RSS not measurable here")
+    chunk_bytes = 64 * v * 4
+    fixed = 2 * v * h * 4 + 4096 * h * 4  # the fp32 weight-gradient accumulator, its cast, grad hidden
+    # 8x the tokens, the same chunk: the peak must not grow with the tokens (materialized logits
+    # alone would be 4096 x 32000 x 4 bytes = 500 MiB)
+    assert p_large < fixed + 6 * chunk_bytes, (p_small, p_large)
+    assert p_large < 1.5 * p_small + 4096 * h * 8
