@@ -21,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--rows", type=int, default=None, help="rows (tokens); default 4096 on CPU, 16384 on CUDA")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary; default 32000 on CPU, 128256 on CUDA")
+    p.add_argument("--linear-dtypes", default=None,
+                   help="dtypes of the fused-linear ops; default float32 on CPU (bf16 matmuls are "
+                        "~8x slower than fp32 on CPUs without AVX512-BF16), bfloat16 on CUDA")
+    p.add_argument("--linear-rows", type=int, default=None,
+                   help="tokens of the fused-linear ops; default 2048 on CPU, 16384 on CUDA")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size of the fused-linear ops; default 1024 on CPU, 4096 on CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -51,16 +57,20 @@ def device_tag(device: torch.device) -> str:
 
 
 def format_table(rows: List[Row]) -> str:
-    head = ["op", "dtype", "impl", "time ms", "vs eager", "vs compile", "peak extra MiB", "peak/grad"]
+    head = ["op", "dtype", "impl", "time ms", "vs eager", "vs compile", "peak extra MiB", "peak/grad",
+            "peak vs eager"]
     if any(r.pct_copy_bandwidth is not None for r in rows):
         head.append("% copy BW")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    eager_peak = {(r.op, r.dtype): r.peak_extra_mib for r in rows if r.impl == "eager"}
     for r in rows:
+        ep = eager_peak.get((r.op, r.dtype))
+        peak_vs_eager = None if (ep in (None, 0) or r.peak_extra_mib is None) else r.peak_extra_mib / ep
         cells = [r.op, r.dtype, r.impl, fmt(r.time_ms, ".1f"), fmt(r.speedup_vs_eager, ".2f") + "x",
                  fmt(r.speedup_vs_compile, ".2f") + ("x" if r.speedup_vs_compile else ""),
-                 fmt(r.peak_extra_mib, ".0f"), fmt(r.peak_over_grad, ".2f")]
-        if len(head) > 8:
+                 fmt(r.peak_extra_mib, ".0f"), fmt(r.peak_over_grad, ".2f"), fmt(peak_vs_eager, ".2f")]
+        if len(head) > 9:
             cells.append(fmt(r.pct_copy_bandwidth, ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -94,7 +104,7 @@ def write_png(rows: List[Row], path: str, title: str) -> bool:
         axes[i][0].set_title(f"{op}, {dt}", fontsize=9)
         axes[i][1].barh(names, [r.peak_extra_mib or 0 for r in sel], color=colors)
         axes[i][1].axvline(sel[0].grad_mib, color="k", ls="--", lw=1)
-        axes[i][1].set_xlabel("peak extra memory, MiB (dashed: the logits gradient)")
+        axes[i][1].set_xlabel("peak extra memory, MiB (dashed: the input gradients)")
         for ax in axes[i]:
             ax.invert_yaxis()
             ax.tick_params(labelsize=8)
@@ -106,30 +116,42 @@ def write_png(rows: List[Row], path: str, title: str) -> bool:
     return True
 
 
+def _parse_dtypes(flag: str, text: str) -> list:
+    out = []
+    for d in text.split(","):
+        if d.strip() not in DTYPES:
+            raise SystemExit(f"{flag}: expected names from {tuple(DTYPES)}, got {d!r}")
+        out.append(DTYPES[d.strip()])
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = args.rows or (16384 if device.type == "cuda" else 4096)
     vocab = args.vocab or (128256 if device.type == "cuda" else 32000)
+    linear_rows = args.linear_rows or (16384 if device.type == "cuda" else 2048)
+    hidden_size = args.hidden or (4096 if device.type == "cuda" else 1024)
     repeats, warmup = args.repeats, args.warmup
     if args.quick:
         rows, vocab, repeats, warmup = min(rows, 256), min(vocab, 4099), 1, 1
+        linear_rows, hidden_size = min(linear_rows, 256), min(hidden_size, 128)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     for o in ops:
         if o not in OPS:
             raise SystemExit(f"--ops: expected names from {OPS}, got {o!r}")
-    dtypes = []
-    for d in args.dtypes.split(","):
-        if d.strip() not in DTYPES:
-            raise SystemExit(f"--dtypes: expected names from {tuple(DTYPES)}, got {d!r}")
-        dtypes.append(DTYPES[d.strip()])
+    dtypes = _parse_dtypes("--dtypes", args.dtypes)
+    linear_dtypes = _parse_dtypes("--linear-dtypes", args.linear_dtypes or
+                                  ("bfloat16" if device.type == "cuda" else "float32"))
     t0 = time.time()
     print(f"posttrain_kernels bench: {rows} x {vocab} on {device} ({device_tag(device)}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     results = run_suite(ops, dtypes, rows, vocab, device, repeats, warmup, not args.no_compile,
-                        progress=lambda s: print(f"  {s} ({time.time() - t0:.0f}s)", flush=True))
+                        progress=lambda s: print(f"  {s} ({time.time() - t0:.0f}s)", flush=True),
+                        linear_rows=linear_rows, hidden_size=hidden_size, linear_dtypes=linear_dtypes)
     table = format_table(results)
     print(table)
-    title = f"{rows} x {vocab}, {device_tag(device)}, torch {torch.__version__}"
+    title = (f"{rows} x {vocab} (fused linear: {linear_rows} tokens, H={hidden_size}), "
+             f"{device_tag(device)}, torch {torch.__version__}")
     csv_path, png_path = args.csv, args.png
     if args.out:
         csv_path = csv_path or os.path.join(args.out, "results.csv")

@@ -9,13 +9,16 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from posttrain_kernels import cross_entropy, token_logprobs
+from posttrain_kernels import cross_entropy, linear_cross_entropy, linear_token_logprobs, token_logprobs
 from posttrain_kernels.dispatch import live_backends
-from posttrain_kernels.reference import cross_entropy_reference, token_logprobs_reference
+from posttrain_kernels.reference import (cross_entropy_reference, linear_cross_entropy_reference,
+                                         linear_token_logprobs_reference, token_logprobs_reference)
 
 from .measure import copy_bandwidth, peak_extra_bytes, time_call
 
-OPS = ("logprobs", "logprobs+entropy", "cross_entropy")
+OPS = ("logprobs", "logprobs+entropy", "cross_entropy", "linear_cross_entropy",
+       "linear_logprobs+entropy")
+LINEAR_OPS = ("linear_cross_entropy", "linear_logprobs+entropy")
 
 
 @dataclass
@@ -95,12 +98,95 @@ def implementations(op: str, device: torch.device, compile_reference: bool) -> D
     return impls
 
 
+def linear_implementations(op: str, device: torch.device, compile_reference: bool) -> Dict[str, Callable]:
+    """name -> fn(hidden, weight, labels) returning a scalar (fused-linear ops)."""
+    impls: Dict[str, Callable] = {}
+    live = live_backends()
+    names = [n for n in (["cpu", "torch"] if device.type == "cpu" else ["triton", "cuda"]) if live.get(n)]
+    if op == "linear_cross_entropy":
+        ref = lambda h, w, y: linear_cross_entropy_reference(h, w, y)  # noqa: E731
+        impls["eager"] = ref
+        if compile_reference:
+            impls["torch.compile"] = torch.compile(ref)
+        opts_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+        if opts_cls is not None and hasattr(torch.nn.functional, "linear_cross_entropy"):
+            impls["torch F.linear_cross_entropy chunked"] = lambda h, w, y: torch.nn.functional.linear_cross_entropy(
+                h, w, y, options=opts_cls())
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+            impls["cut-cross-entropy"] = lambda h, w, y: cce(h, w, y, impl="torch_compile")
+        except Exception:
+            pass
+        for n in names:
+            impls[f"ptk {n}"] = lambda h, w, y, b=n: linear_cross_entropy(h, w, y, backend=b)
+    else:
+        def ref(h, w, y):
+            lp, ent = linear_token_logprobs_reference(h, w, y, return_entropy=True)
+            return lp.sum() + ent.sum()
+        impls["eager"] = ref
+        if compile_reference:
+            impls["torch.compile"] = torch.compile(ref)
+        for n in names:
+            def fused(h, w, y, b=n):
+                lp, ent = linear_token_logprobs(h, w, y, return_entropy=True, backend=b)
+                return lp.sum() + ent.sum()
+            impls[f"ptk {n}"] = fused
+    return impls
+
+
+def run_linear(op: str, dtype: torch.dtype, rows: int, hidden_size: int, vocab: int,
+               device: torch.device, repeats: int, warmup: int, compile_reference: bool,
+               progress: Callable[[str], None]) -> List[Row]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(rows, hidden_size, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(
+        device=device, dtype=dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+    grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+    impls = linear_implementations(op, device, compile_reference)
+    out: List[Row] = []
+    for i, (name, fn) in enumerate(impls.items()):
+        progress(f"[{op} {str(dtype)[6:]}] {i + 1}/{len(impls)} {name}")
+
+        def step(fn=fn):
+            hidden.grad = None
+            weight.grad = None
+            fn(hidden, weight, labels).backward()
+
+        t = time_call(step, device, repeats, warmup)
+        hidden.grad = weight.grad = None
+        peak = peak_extra_bytes(step, device)
+        hidden.grad = weight.grad = None
+        out.append(Row(op=op, device=str(device), dtype=str(dtype)[6:], rows=rows, vocab=vocab,
+                       impl=name, time_ms=t * 1e3,
+                       peak_extra_mib=None if peak is None else peak / 2**20,
+                       grad_mib=grad_bytes / 2**20,
+                       peak_over_grad=None if peak is None else peak / grad_bytes))
+    return out
+
+
+def _add_speedups(op_rows: List[Row]) -> None:
+    base = {r.impl: r.time_ms for r in op_rows}
+    for r in op_rows:
+        r.speedup_vs_eager = base["eager"] / r.time_ms
+        if "torch.compile" in base:
+            r.speedup_vs_compile = base["torch.compile"] / r.time_ms
+
+
 def run_suite(ops: List[str], dtypes: List[torch.dtype], rows: int, vocab: int,
               device: torch.device, repeats: int, warmup: int, compile_reference: bool,
-              progress: Callable[[str], None] = print) -> List[Row]:
+              progress: Callable[[str], None] = print, linear_rows: int = 2048,
+              hidden_size: int = 1024, linear_dtypes: Optional[List[torch.dtype]] = None) -> List[Row]:
     results: List[Row] = []
     bw = copy_bandwidth(rows * vocab * 2, device) if device.type == "cuda" else None
     for op in ops:
+        if op in LINEAR_OPS:
+            for dtype in (dtypes if linear_dtypes is None else linear_dtypes):
+                op_rows = run_linear(op, dtype, linear_rows, hidden_size, vocab, device, repeats,
+                                     warmup, compile_reference, progress)
+                _add_speedups(op_rows)
+                results.extend(op_rows)
+            continue
         impls = implementations(op, device, compile_reference)
         for dtype in dtypes:
             gen = torch.Generator(device="cpu").manual_seed(0)
@@ -130,11 +216,7 @@ def run_suite(ops: List[str], dtypes: List[torch.dtype], rows: int, vocab: int,
                     # the gradient once: 3 passes over rows x vocab elements
                     row.pct_copy_bandwidth = 100.0 * 3 * grad_bytes / t / bw
                 op_rows.append(row)
-            base = {r.impl: r.time_ms for r in op_rows}
-            for r in op_rows:
-                r.speedup_vs_eager = base["eager"] / r.time_ms
-                if "torch.compile" in base:
-                    r.speedup_vs_compile = base["torch.compile"] / r.time_ms
+            _add_speedups(op_rows)
             results.extend(op_rows)
             del logits
     return results
