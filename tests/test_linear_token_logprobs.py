@@ -184,3 +184,17 @@ def test_peak_memory_scales_with_chunk_not_tokens():
     # alone would be 4096 x 32000 x 4 bytes = 500 MiB)
     assert p_large < fixed + 6 * chunk_bytes, (p_small, p_large)
     assert p_large < 1.5 * p_small + 4096 * h * 8
+
+
+def test_no_grad_computes_no_gradients(monkeypatch):
+    from posttrain_kernels.ops import linear_token_logprobs as ops
+    calls = []
+    monkeypatch.setattr(ops._Grads, "add_chunk", lambda self, *a: calls.append(1))
+    h = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (8,))
+    with torch.no_grad():
+        loss = ptk.linear_cross_entropy(h, w, y, backend="torch")
+    assert calls == [] and torch.isfinite(loss)
+    ptk.linear_cross_entropy(h, w, y, backend="torch", chunk_size=4)
+    assert len(calls) == 2

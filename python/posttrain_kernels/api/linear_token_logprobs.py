@@ -178,4 +178,5 @@ def linear_cross_entropy(
             return loss.reshape(labels.shape)
         return LinearCrossEntropyScalar.apply(hidden.reshape(-1, h), weight, bias, labels1d,
                                               int(ignore_index), eps, z, cap, scale, chunk,
-                                              bool(fp32_logits), reduction == "mean", name)
+                                              bool(fp32_logits), reduction == "mean",
+                                              torch.is_grad_enabled(), name)

@@ -170,7 +170,7 @@ class LinearCrossEntropyScalar(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, eps, z_loss, softcap, logit_scale,
-                chunk, fp32_logits, mean, backend):
+                chunk, fp32_logits, mean, grad_enabled, backend):
         L = launchers(backend)
         n = labels.shape[0]
         total = torch.zeros((), device=hidden.device, dtype=_F32)
@@ -181,7 +181,8 @@ class LinearCrossEntropyScalar(torch.autograd.Function):
         else:
             scale = torch.ones((), device=hidden.device, dtype=_F32)
         row_grad = scale.expand(n).contiguous()
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        # grad mode is off inside forward: the caller says whether gradients will be wanted
+        needs = tuple(bool(grad_enabled and x) for x in ctx.needs_input_grad[:3])
         grads = _Grads(hidden, weight, bias, needs) if any(needs) else None
         for s in range(0, n, chunk):
             sl = slice(s, min(s + chunk, n))
@@ -205,4 +206,4 @@ class LinearCrossEntropyScalar(torch.autograd.Function):
     def backward(ctx, grad_out):
         gh, gw, gb = ctx.saved_tensors
         scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (gh, gw, gb)]
-        return (*scaled, None, None, None, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None, None, None, None)
