@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import launchers
+from .token_logprobs import upstream_grads
 
 _F32 = torch.float32
 
@@ -104,12 +105,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
         L = launchers(backend)
         need = ctx.needs_input_grad[:3]
         grads = _Grads(hidden, weight, bias, need)
-        if grad_logp is not None:
-            grad_logp = grad_logp.to(_F32).contiguous()
-        if not compute_entropy or grad_entropy is None:
-            grad_entropy = None
-        else:
-            grad_entropy = grad_entropy.to(_F32).contiguous()
+        grad_logp, grad_entropy = upstream_grads(grad_logp, grad_entropy, compute_entropy)
         n = labels.shape[0]
         for s in range(0, n, chunk):
             sl = slice(s, min(s + chunk, n))

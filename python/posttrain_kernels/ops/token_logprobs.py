@@ -57,15 +57,21 @@ def _setup_token_logprobs(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward_token_logprobs(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
-    inv_temperature, ignore_index, compute_entropy, backend = ctx.args
+def upstream_grads(grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                   compute_entropy: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Upstream gradients as the launchers take them: fp32 contiguous, or None when absent
+    (the entropy's is dropped when no entropy was computed)."""
     if grad_logp is not None:
         grad_logp = grad_logp.to(_F32).contiguous()
     if not compute_entropy or grad_entropy is None:
-        grad_entropy = None
-    else:
-        grad_entropy = grad_entropy.to(_F32).contiguous()
+        return grad_logp, None
+    return grad_logp, grad_entropy.to(_F32).contiguous()
+
+
+def _backward_token_logprobs(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    inv_temperature, ignore_index, compute_entropy, backend = ctx.args
+    grad_logp, grad_entropy = upstream_grads(grad_logp, grad_entropy, compute_entropy)
     grad = token_logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy,
                                    inv_temperature, ignore_index, backend)
     return grad, None, None, None, None, None
