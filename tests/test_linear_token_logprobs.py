@@ -182,7 +182,9 @@ def test_peak_memory_scales_with_chunk_not_tokens():
     fixed = 2 * v * h * 4 + 4096 * h * 4  # the fp32 weight-gradient accumulator, its cast, grad hidden
     # 8x the tokens, the same chunk: the peak must not grow with the tokens (materialized logits
     # alone would be 4096 x 32000 x 4 bytes = 500 MiB)
-    assert p_large < fixed + 6 * chunk_bytes, (p_small, p_large)
+    # a few chunk-sized buffers (logits, gradient, matmul products) and BLAS packing workspace
+    blas_workspace = 32 * 2**20
+    assert p_large < fixed + 12 * chunk_bytes + blas_workspace, (p_small, p_large)
     assert p_large < 1.5 * p_small + 4096 * h * 8
 
 
