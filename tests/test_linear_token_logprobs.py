@@ -200,3 +200,28 @@ def test_no_grad_computes_no_gradients(monkeypatch):
     assert calls == [] and torch.isfinite(loss)
     ptk.linear_cross_entropy(h, w, y, backend="torch", chunk_size=4)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+@pytest.mark.parametrize("mask", ["some", "all"])
+def test_torch_compile_fullgraph(backend, device, mask):
+    torch._dynamo.reset()
+    hidden, weight, bias, labels = make(9, 16, 40, 1, torch.float32, mask, bias=True)
+
+    def fn(h, w, b):
+        ce = ptk.linear_cross_entropy(h, w, labels, bias=b, chunk_size=4, backend=backend)
+        lp, ent = ptk.linear_token_logprobs(h, w, labels, bias=b, chunk_size=4, return_entropy=True,
+                                            backend=backend)
+        return ce + lp.sum() + 0.1 * ent.sum()
+
+    eager_p = leafs(hidden, weight, bias)
+    comp_p = leafs(hidden, weight, bias)
+    out_e = fn(*eager_p)
+    out_c = torch.compile(fn, fullgraph=True)(*comp_p)
+    out_e.backward()
+    out_c.backward()
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    for a, b in zip(comp_p, eager_p):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    if mask == "all":
+        assert out_c.item() == 0.0 and all((p.grad == 0).all() for p in comp_p)

@@ -2,8 +2,8 @@
 
 Rows (tokens) are processed in chunks: a chunk's logits ``hidden_c @ weight.T (+ bias)`` exist only
 while that chunk is processed, so the extra memory is O(chunk x vocab), never O(tokens x vocab).
-The per-chunk losses and logits gradients come from the fused launchers of a backend
-(``posttrain_kernels.dispatch.launchers``); the gradient matmuls accumulate the weight gradient in
+The per-chunk losses and logits gradients come from the custom ops of the logits family
+(``posttrain_kernels::token_logprobs_forward`` etc., opaque to ``torch.compile``); the gradient matmuls accumulate the weight gradient in
 fp32 across chunks.
 
 * ``LinearTokenLogprobs``: any upstream gradient, so the forward keeps O(tokens) state (lse,
@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..dispatch import launchers
+from . import token_logprobs as chunk_ops
 from .token_logprobs import upstream_grads
 
 _F32 = torch.float32
@@ -79,7 +79,6 @@ class LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, compute_entropy, softcap,
                 logit_scale, chunk, fp32_logits, backend):
-        L = launchers(backend)
         n, k = labels.shape
         f32 = dict(device=hidden.device, dtype=_F32)
         logp = torch.empty((n, k), **f32)
@@ -88,7 +87,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             sl = slice(s, min(s + chunk, n))
             x = _softcapped(_chunk_logits(hidden[sl], weight, bias, fp32_logits, logit_scale), softcap)
-            lp, ent, l = L.token_logprobs_forward(x, labels[sl], inv_t, ignore_index, compute_entropy)
+            lp, ent, l = chunk_ops.token_logprobs_forward(x, labels[sl], inv_t, ignore_index,
+                                                              compute_entropy, backend)
             logp[sl], lse[sl] = lp, l
             if compute_entropy:
                 entropy[sl] = ent
@@ -102,7 +102,6 @@ class LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         inv_t, ignore_index, compute_entropy, softcap, logit_scale, chunk, fp32_logits, backend = ctx.args
-        L = launchers(backend)
         need = ctx.needs_input_grad[:3]
         grads = _Grads(hidden, weight, bias, need)
         grad_logp, grad_entropy = upstream_grads(grad_logp, grad_entropy, compute_entropy)
@@ -111,10 +110,10 @@ class LinearTokenLogprobs(torch.autograd.Function):
             sl = slice(s, min(s + chunk, n))
             h = hidden[sl]
             x = _softcapped(_chunk_logits(h, weight, bias, fp32_logits, logit_scale), softcap)
-            g = L.token_logprobs_backward(
-                x, labels[sl], lse[sl], entropy[sl] if grad_entropy is not None else None,
+            g = chunk_ops.token_logprobs_backward(
+                x, labels[sl], lse[sl], entropy[sl] if grad_entropy is not None else entropy,
                 None if grad_logp is None else grad_logp[sl],
-                None if grad_entropy is None else grad_entropy[sl], inv_t, ignore_index)
+                None if grad_entropy is None else grad_entropy[sl], inv_t, ignore_index, backend)
             g = _chain(g, x, softcap, logit_scale)
             del x
             grads.add_chunk(sl, g, h, weight)
@@ -128,14 +127,14 @@ class LinearCrossEntropyRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, eps, z_loss, softcap, logit_scale,
                 chunk, fp32_logits, backend):
-        L = launchers(backend)
         n = labels.shape[0]
         loss = torch.empty((n,), device=hidden.device, dtype=_F32)
         lse = torch.empty((n,), device=hidden.device, dtype=_F32)
         for s in range(0, n, chunk):
             sl = slice(s, min(s + chunk, n))
             z = _chunk_logits(hidden[sl], weight, bias, fp32_logits, logit_scale)
-            loss[sl], lse[sl] = L.cross_entropy_forward(z, labels[sl], ignore_index, eps, z_loss, softcap)
+            loss[sl], lse[sl] = chunk_ops.cross_entropy_forward(z, labels[sl], ignore_index, eps,
+                                                                z_loss, softcap, backend)
             del z
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.args = (ignore_index, eps, z_loss, softcap, logit_scale, chunk, fp32_logits, backend)
@@ -145,7 +144,6 @@ class LinearCrossEntropyRows(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         ignore_index, eps, z_loss, softcap, logit_scale, chunk, fp32_logits, backend = ctx.args
-        L = launchers(backend)
         grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
         grad_loss = grad_loss.to(_F32).contiguous()
         n = labels.shape[0]
@@ -153,8 +151,8 @@ class LinearCrossEntropyRows(torch.autograd.Function):
             sl = slice(s, min(s + chunk, n))
             h = hidden[sl]
             z = _chunk_logits(h, weight, bias, fp32_logits, logit_scale)
-            g = L.cross_entropy_backward(z, labels[sl], lse[sl], grad_loss[sl], ignore_index, eps,
-                                         z_loss, softcap)
+            g = chunk_ops.cross_entropy_backward(z, labels[sl], lse[sl], grad_loss[sl], ignore_index,
+                                                 eps, z_loss, softcap, backend)
             del z
             grads.add_chunk(sl, _chain(g, g, 0.0, logit_scale), h, weight)
         gh, gw, gb = grads.result(weight, bias)
@@ -167,7 +165,6 @@ class LinearCrossEntropyScalar(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, eps, z_loss, softcap, logit_scale,
                 chunk, fp32_logits, mean, grad_enabled, backend):
-        L = launchers(backend)
         n = labels.shape[0]
         total = torch.zeros((), device=hidden.device, dtype=_F32)
         # d total / d loss_row: 1 for "sum", 1 / (number of non-ignored rows) for "mean" (0 rows:
@@ -184,11 +181,12 @@ class LinearCrossEntropyScalar(torch.autograd.Function):
             sl = slice(s, min(s + chunk, n))
             h = hidden[sl]
             z = _chunk_logits(h, weight, bias, fp32_logits, logit_scale)
-            loss, lse = L.cross_entropy_forward(z, labels[sl], ignore_index, eps, z_loss, softcap)
+            loss, lse = chunk_ops.cross_entropy_forward(z, labels[sl], ignore_index, eps, z_loss,
+                                                        softcap, backend)
             total += loss.sum()
             if grads is not None:
-                g = L.cross_entropy_backward(z, labels[sl], lse, row_grad[sl], ignore_index, eps,
-                                             z_loss, softcap)
+                g = chunk_ops.cross_entropy_backward(z, labels[sl], lse, row_grad[sl], ignore_index,
+                                                     eps, z_loss, softcap, backend)
                 del z
                 grads.add_chunk(sl, _chain(g, g, 0.0, logit_scale), h, weight)
         if grads is not None:
