@@ -397,6 +397,14 @@ def _check_row_vector(t: torch.Tensor, n: int, name: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+def _check_logits_and_k_labels(logits: torch.Tensor, labels: torch.Tensor):
+    """logits [N, V] and labels [N, K] of the token log-prob launchers, checked."""
+    logits = _check_logits(logits)
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected shape [N, K] (2 dims), got {tuple(labels.shape)}")
+    return logits, _check_labels(labels, (logits.shape[0], labels.shape[1]))
+
+
 def token_logprobs_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -411,11 +419,8 @@ def token_logprobs_forward(
     lse [N])``: ``logp[r, k] = x[y_k] - lse`` (0 for ignored labels), ``entropy = lse - sum p x``,
     ``x = logits * inv_temperature``; rows whose labels are all ``ignore_index`` get 0 everywhere.
     """
-    logits = _check_logits(logits)
+    logits, labels = _check_logits_and_k_labels(logits, labels)
     n, v = logits.shape
-    if labels.dim() != 2:
-        raise ValueError(f"labels: expected shape [N, K] (2 dims), got {tuple(labels.shape)}")
-    labels = _check_labels(labels, (n, labels.shape[1]))
     k = labels.shape[1]
     dev = logits.device
     logp = torch.empty((n, k), dtype=torch.float32, device=dev)
@@ -451,11 +456,8 @@ def token_logprobs_backward(
     broadcast views (stride 0). Returns a new contiguous ``[N, V]`` tensor in ``logits.dtype``:
     ``inv_T (sum_k g_k [j == y_k] - G p_j - gH p_j (x_j - lse + H))``, 0 for ignored rows.
     """
-    logits = _check_logits(logits)
+    logits, labels = _check_logits_and_k_labels(logits, labels)
     n, v = logits.shape
-    if labels.dim() != 2:
-        raise ValueError(f"labels: expected shape [N, K] (2 dims), got {tuple(labels.shape)}")
-    labels = _check_labels(labels, (n, labels.shape[1]))
     k = labels.shape[1]
     lse = _check_row_vector(lse, n, "lse").contiguous()
     grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
