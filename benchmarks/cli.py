@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--slow-s", type=float, default=60.0,
+                   help="fused-linear ops: an implementation whose first call takes longer than this "
+                        "many seconds is timed by that call alone (marked '1 run')")
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     p.add_argument("--out", default=None,
                    help="directory for results.csv, results.md and results.png "
@@ -58,19 +61,26 @@ def device_tag(device: torch.device) -> str:
 
 def format_table(rows: List[Row]) -> str:
     head = ["op", "dtype", "impl", "time ms", "vs eager", "vs compile", "peak extra MiB", "peak/grad",
-            "peak vs eager"]
+            "peak vs eager", "working MiB", "working vs eager"]
     if any(r.pct_copy_bandwidth is not None for r in rows):
         head.append("% copy BW")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     eager_peak = {(r.op, r.dtype): r.peak_extra_mib for r in rows if r.impl == "eager"}
+    eager_work = {(r.op, r.dtype): r.working_mib for r in rows if r.impl == "eager"}
     for r in rows:
         ep = eager_peak.get((r.op, r.dtype))
         peak_vs_eager = None if (ep in (None, 0) or r.peak_extra_mib is None) else r.peak_extra_mib / ep
-        cells = [r.op, r.dtype, r.impl, fmt(r.time_ms, ".1f"), fmt(r.speedup_vs_eager, ".2f") + "x",
+        ew = eager_work.get((r.op, r.dtype))
+        work_vs_eager = None if (ew in (None, 0) or r.working_mib is None) else r.working_mib / ew
+        floor = r.impl.endswith("(floor)")  # its memory is not comparable
+        cells = [r.op, r.dtype, r.impl + (" (1 run)" if r.timed_by_first_call else ""),
+                 fmt(r.time_ms, ".1f"), fmt(r.speedup_vs_eager, ".2f") + "x",
                  fmt(r.speedup_vs_compile, ".2f") + ("x" if r.speedup_vs_compile else ""),
-                 fmt(r.peak_extra_mib, ".0f"), fmt(r.peak_over_grad, ".2f"), fmt(peak_vs_eager, ".2f")]
-        if len(head) > 9:
+                 *(["-"] * 5 if floor else
+                   [fmt(r.peak_extra_mib, ".0f"), fmt(r.peak_over_grad, ".2f"), fmt(peak_vs_eager, ".2f"),
+                    fmt(r.working_mib, ".0f"), fmt(work_vs_eager, ".2f")])]
+        if len(head) > 11:
             cells.append(fmt(r.pct_copy_bandwidth, ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -147,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     results = run_suite(ops, dtypes, rows, vocab, device, repeats, warmup, not args.no_compile,
                         progress=lambda s: print(f"  {s} ({time.time() - t0:.0f}s)", flush=True),
-                        linear_rows=linear_rows, hidden_size=hidden_size, linear_dtypes=linear_dtypes)
+                        linear_rows=linear_rows, hidden_size=hidden_size, linear_dtypes=linear_dtypes,
+                        slow_s=args.slow_s)
     table = format_table(results)
     print(table)
     title = (f"{rows} x {vocab} (fused linear: {linear_rows} tokens, H={hidden_size}), "

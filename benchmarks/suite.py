@@ -7,8 +7,11 @@ import importlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
+import time
+
 import torch
 
+from posttrain_kernels.ops.linear_token_logprobs import logits_element_size
 from posttrain_kernels import cross_entropy, linear_cross_entropy, linear_token_logprobs, token_logprobs
 from posttrain_kernels.dispatch import live_backends
 from posttrain_kernels.reference import (cross_entropy_reference, linear_cross_entropy_reference,
@@ -36,6 +39,13 @@ class Row:
     speedup_vs_eager: Optional[float] = None
     speedup_vs_compile: Optional[float] = None
     pct_copy_bandwidth: Optional[float] = None
+    runs: int = 0  # timed runs behind time_ms
+    timed_by_first_call: bool = False  # slower than slow_s: timed by its one (memory) call
+
+    @property
+    def working_mib(self) -> Optional[float]:
+        """Peak extra memory besides the input gradients (which every implementation returns)."""
+        return None if self.peak_extra_mib is None else max(0.0, self.peak_extra_mib - self.grad_mib)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,12 +141,29 @@ def linear_implementations(op: str, device: torch.device, compile_reference: boo
                 lp, ent = linear_token_logprobs(h, w, y, return_entropy=True, backend=b)
                 return lp.sum() + ent.sum()
             impls[f"ptk {n}"] = fused
+    impls["GEMMs alone (floor)"] = _gemm_floor(3 if op == "linear_cross_entropy" else 4)
     return impls
+
+
+def _gemm_floor(n_gemms: int) -> Callable:
+    """The head GEMMs the fused path runs (logits once or twice, then d hidden and d weight), whole
+    and in the dtype the fused path multiplies in (fp32 for bf16 on CPUs without bf16 GEMMs), with
+    nothing else: the time no chunked implementation can beat. Its memory column is not meaningful."""
+    def floor(h, w, y):
+        with torch.no_grad():
+            if logits_element_size(w, False) == 4:
+                h, w = h.float(), w.float()
+            for _ in range(n_gemms - 2):
+                z = h @ w.t()
+            z @ w
+            z.t() @ h
+        return torch.zeros((), requires_grad=True)
+    return floor
 
 
 def run_linear(op: str, dtype: torch.dtype, rows: int, hidden_size: int, vocab: int,
                device: torch.device, repeats: int, warmup: int, compile_reference: bool,
-               progress: Callable[[str], None]) -> List[Row]:
+               progress: Callable[[str], None], slow_s: float = 60.0) -> List[Row]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(rows, hidden_size, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(
@@ -153,15 +180,25 @@ def run_linear(op: str, dtype: torch.dtype, rows: int, hidden_size: int, vocab: 
             weight.grad = None
             fn(hidden, weight, labels).backward()
 
-        t = time_call(step, device, repeats, warmup)
-        hidden.grad = weight.grad = None
+        # the memory call comes first and doubles as the first warm-up; an implementation slower
+        # than slow_s is timed by that call alone (bf16 GEMMs on CPUs without bf16 units take
+        # minutes per step)
+        t0 = time.perf_counter()
         peak = peak_extra_bytes(step, device)
+        t_first = time.perf_counter() - t0
+        hidden.grad = weight.grad = None
+        slow = t_first > slow_s
+        if slow:
+            t, runs = t_first, 1
+        else:
+            t, runs = time_call(step, device, repeats, max(0, warmup - 1)), repeats
         hidden.grad = weight.grad = None
         out.append(Row(op=op, device=str(device), dtype=str(dtype)[6:], rows=rows, vocab=vocab,
                        impl=name, time_ms=t * 1e3,
                        peak_extra_mib=None if peak is None else peak / 2**20,
                        grad_mib=grad_bytes / 2**20,
-                       peak_over_grad=None if peak is None else peak / grad_bytes))
+                       peak_over_grad=None if peak is None else peak / grad_bytes, runs=runs,
+                       timed_by_first_call=slow))
     return out
 
 
@@ -176,14 +213,15 @@ def _add_speedups(op_rows: List[Row]) -> None:
 def run_suite(ops: List[str], dtypes: List[torch.dtype], rows: int, vocab: int,
               device: torch.device, repeats: int, warmup: int, compile_reference: bool,
               progress: Callable[[str], None] = print, linear_rows: int = 2048,
-              hidden_size: int = 1024, linear_dtypes: Optional[List[torch.dtype]] = None) -> List[Row]:
+              hidden_size: int = 1024, linear_dtypes: Optional[List[torch.dtype]] = None,
+              slow_s: float = 60.0) -> List[Row]:
     results: List[Row] = []
     bw = copy_bandwidth(rows * vocab * 2, device) if device.type == "cuda" else None
     for op in ops:
         if op in LINEAR_OPS:
             for dtype in (dtypes if linear_dtypes is None else linear_dtypes):
                 op_rows = run_linear(op, dtype, linear_rows, hidden_size, vocab, device, repeats,
-                                     warmup, compile_reference, progress)
+                                     warmup, compile_reference, progress, slow_s)
                 _add_speedups(op_rows)
                 results.extend(op_rows)
             continue
@@ -207,7 +245,7 @@ def run_suite(ops: List[str], dtypes: List[torch.dtype], rows: int, vocab: int,
                 peak = peak_extra_bytes(step, device)
                 logits.grad = None
                 row = Row(op=op, device=str(device), dtype=str(dtype)[6:], rows=rows, vocab=vocab,
-                          impl=name, time_ms=t * 1e3,
+                          impl=name, time_ms=t * 1e3, runs=repeats,
                           peak_extra_mib=None if peak is None else peak / 2**20,
                           grad_mib=grad_bytes / 2**20,
                           peak_over_grad=None if peak is None else peak / grad_bytes)

@@ -91,6 +91,18 @@ PYBIND11_MODULE(_C, m) {
                                    py::arg("bfloat16") = int(ptk::kBFloat16),
                                    py::arg("float16") = int(ptk::kFloat16));
   PTK_BIND_TOKEN_LOGPROBS(m, cpu, "cpu", PTK_NOTHING, PTK_NOTHING, PTK_NOTHING)
+  m.def(
+      "cross_entropy_fused_cpu",
+      [](ptr_t logits, int dtype, int64_t n, int64_t v, ptr_t labels, int64_t ignore, float eps,
+         float z, float softcap, ptr_t g_loss, ptr_t loss, ptr_t lse) {
+        py::gil_scoped_release nogil;
+        ptk::cpu::cross_entropy_fused(P<void>(logits), dtype, n, v, P<const int64_t>(labels),
+                                      ignore, eps, z, softcap, P<const float>(g_loss),
+                                      P<float>(loss), P<float>(lse));
+      },
+      py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("labels"),
+      py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"),
+      py::arg("grad_loss"), py::arg("loss"), py::arg("lse"));
 #ifdef PTK_WITH_CUDA
   m.attr("has_cuda") = true;
   PTK_BIND_TOKEN_LOGPROBS(m, cuda, "cuda", PTK_COMMA ptr_t stream, PTK_COMMA P<void>(stream),

@@ -17,7 +17,8 @@ reason.
 Backward (each logit read once, each gradient element written once): ``p_j = exp(x_j - lse)`` is
 recomputed from the saved ``lse``; no second reduction over the vocabulary is needed.
 
-Launchers allocate every output (never write into an input), pick ``BLOCK_V`` / ``num_warps`` and
+Launchers allocate every output (never write into an input, except the backward's ``out`` and the
+fused cross-entropy's logits, which the fused-linear losses pass as their own chunk buffer), pick ``BLOCK_V`` / ``num_warps`` and
 launch; they never synchronize with the host. Autograd lives in ``posttrain_kernels.ops``.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "token_logprobs_backward",
     "cross_entropy_forward",
     "cross_entropy_backward",
+    "cross_entropy_fused",
     "launch_config",
     "aot_specs",
 ]
@@ -229,31 +231,15 @@ def _token_logprobs_bwd_kernel(
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(
-    logits_ptr,         # *{fp32|bf16|fp16} [N, V]; element (r, j) at r * stride_logits_row + j
-    labels_ptr,         # *int64 [N]; element r at r * stride_labels
-    loss_ptr,           # *fp32 [N] contiguous (output), 0 for ignored rows
-    lse_ptr,            # *fp32 [N] contiguous (output): logsumexp_j x_j, 0 for ignored rows
-    stride_logits_row,  # int: elements between consecutive rows of logits (>= V)
-    stride_labels,      # int: elements between consecutive labels
-    V,                  # int: vocabulary size (columns of logits)
-    ignore_index,       # int: label value that marks an ignored row
-    label_smoothing,    # fp32: eps in [0, 1]
-    z_loss,             # fp32: z, coefficient of lse^2
-    softcap,            # fp32: c (read only if HAS_SOFTCAP)
-    inv_softcap,        # fp32: 1 / c (read only if HAS_SOFTCAP)
-    BLOCK_V: tl.constexpr,      # vocabulary tile, power of two
-    HAS_SOFTCAP: tl.constexpr,  # x = c tanh(logits / c) instead of x = logits
+def _cross_entropy_row_forward(
+    logits_row,         # *{fp32|bf16|fp16}: the row's first logit (unit stride along V)
+    lab,                # int64: the row's label
+    row_valid,          # bool: lab != ignore_index
+    V, label_smoothing, z_loss, softcap, inv_softcap,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """Per row r: ``x = c tanh(logits[r] / c)`` (or ``logits[r]``), ``lse = logsumexp(x)``,
-    ``loss[r] = (1 - eps)(lse - x_y) + eps (lse - sum_j x_j / V) + z lse^2``; 0 where y is ignored.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits_row
-    lab = tl.load(labels_ptr + row * stride_labels)
-    row_valid = lab != ignore_index
+    """(loss, lse) of one row, each logit read once; (0, 0) for an ignored row (nothing read)."""
     v_end = tl.where(row_valid, V, 0)  # ignored rows do not read their logits
-
     offs = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), tl.float32)  # running max
     s = tl.full([], 0.0, tl.float32)            # sum exp(x - m)
@@ -283,8 +269,66 @@ def _cross_entropy_fwd_kernel(
     # guarded: with eps == 0 a -inf logit must not turn 0 * inf into nan
     loss += label_smoothing * tl.where(label_smoothing > 0.0, (m - sum_x / V) + log_s, 0.0)
     loss += z_loss * lse * lse
-    tl.store(loss_ptr + row, tl.where(row_valid, loss, 0.0))
-    tl.store(lse_ptr + row, tl.where(row_valid, lse, 0.0))
+    return tl.where(row_valid, loss, 0.0), tl.where(row_valid, lse, 0.0)
+
+
+@triton.jit
+def _cross_entropy_row_backward(
+    logits_row,         # *{fp32|bf16|fp16}: the row's first logit (unit stride along V)
+    grad_row,           # *{logits dtype}: the row's first gradient element; may equal logits_row
+    lab, row_valid, lse,
+    g,                  # fp32: upstream gradient of the row's loss
+    V, label_smoothing, z_loss, softcap, inv_softcap,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """grad_row = g * d loss / d logits_row, tile by tile; each tile is loaded before it is
+    stored, so the gradient may be written over the logits (in place)."""
+    p_scale = g * (1.0 + 2.0 * z_loss * lse)
+    g_label = g * (1.0 - label_smoothing)
+    g_smooth = g * (label_smoothing / V)
+    v_read = tl.where(row_valid, V, 0)  # ignored rows do not read their logits, only write zeros
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(logits_row + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            th = _tanh(x * inv_softcap)
+            x = softcap * th
+        dx = p_scale * tl.exp(x - lse) - tl.where(cols == lab, g_label, 0.0) - g_smooth
+        if HAS_SOFTCAP:
+            dx = dx * (1.0 - th * th)
+        dx = tl.where(row_valid, dx, 0.0)
+        tl.store(grad_row + cols, dx.to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr,         # *{fp32|bf16|fp16} [N, V]; element (r, j) at r * stride_logits_row + j
+    labels_ptr,         # *int64 [N]; element r at r * stride_labels
+    loss_ptr,           # *fp32 [N] contiguous (output), 0 for ignored rows
+    lse_ptr,            # *fp32 [N] contiguous (output): logsumexp_j x_j, 0 for ignored rows
+    stride_logits_row,  # int: elements between consecutive rows of logits (>= V)
+    stride_labels,      # int: elements between consecutive labels
+    V,                  # int: vocabulary size (columns of logits)
+    ignore_index,       # int: label value that marks an ignored row
+    label_smoothing,    # fp32: eps in [0, 1]
+    z_loss,             # fp32: z, coefficient of lse^2
+    softcap,            # fp32: c (read only if HAS_SOFTCAP)
+    inv_softcap,        # fp32: 1 / c (read only if HAS_SOFTCAP)
+    BLOCK_V: tl.constexpr,      # vocabulary tile, power of two
+    HAS_SOFTCAP: tl.constexpr,  # x = c tanh(logits / c) instead of x = logits
+):
+    """Per row r: ``x = c tanh(logits[r] / c)`` (or ``logits[r]``), ``lse = logsumexp(x)``,
+    ``loss[r] = (1 - eps)(lse - x_y) + eps (lse - sum_j x_j / V) + z lse^2``; 0 where y is ignored.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    lab = tl.load(labels_ptr + row * stride_labels)
+    loss, lse = _cross_entropy_row_forward(
+        logits_ptr + row * stride_logits_row, lab, lab != ignore_index, V, label_smoothing, z_loss,
+        softcap, inv_softcap, BLOCK_V, HAS_SOFTCAP)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
 
 
 @triton.jit
@@ -293,7 +337,7 @@ def _cross_entropy_bwd_kernel(
     labels_ptr,         # *int64 [N]; element r at r * stride_labels
     lse_ptr,            # *fp32 [N] contiguous: lse saved by the forward
     grad_loss_ptr,      # *fp32 [N]; element r at r * stride_gloss (0 if broadcast)
-    grad_logits_ptr,    # *{logits dtype} [N, V] contiguous (output)
+    grad_logits_ptr,    # *{logits dtype} [N, V] contiguous (output; may be logits_ptr)
     stride_logits_row,  # int: elements between consecutive rows of logits (>= V)
     stride_labels,      # int: elements between consecutive labels
     stride_gloss,       # int: elements between consecutive entries of grad_loss
@@ -311,30 +355,46 @@ def _cross_entropy_bwd_kernel(
     (the last factor only with soft-capping); ignored rows get 0.
     """
     row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits_row
-    grad_row = grad_logits_ptr + row * V
+    lab = tl.load(labels_ptr + row * stride_labels)
+    _cross_entropy_row_backward(
+        logits_ptr + row * stride_logits_row, grad_logits_ptr + row * V, lab, lab != ignore_index,
+        tl.load(lse_ptr + row), tl.load(grad_loss_ptr + row * stride_gloss), V, label_smoothing,
+        z_loss, softcap, inv_softcap, BLOCK_V, HAS_SOFTCAP)
+
+
+@triton.jit
+def _cross_entropy_fused_kernel(
+    logits_ptr,         # *{fp32|bf16|fp16} [N, V] contiguous; overwritten with the gradient
+    labels_ptr,         # *int64 [N]; element r at r * stride_labels
+    grad_loss_ptr,      # *fp32 [N]; element r at r * stride_gloss (0 if broadcast)
+    loss_ptr,           # *fp32 [N] contiguous (output), 0 for ignored rows
+    lse_ptr,            # *fp32 [N] contiguous (output), 0 for ignored rows
+    stride_labels,      # int: elements between consecutive labels
+    stride_gloss,       # int: elements between consecutive entries of grad_loss
+    V,                  # int: vocabulary size; also the row stride of logits
+    ignore_index,       # int: label value that marks an ignored row
+    label_smoothing,    # fp32: eps
+    z_loss,             # fp32: z
+    softcap,            # fp32: c (read only if HAS_SOFTCAP)
+    inv_softcap,        # fp32: 1 / c (read only if HAS_SOFTCAP)
+    BLOCK_V: tl.constexpr,      # vocabulary tile, power of two
+    HAS_SOFTCAP: tl.constexpr,  # x = c tanh(logits / c) instead of x = logits
+):
+    """The forward kernel's loss and lse, then the backward kernel's gradient written over the
+    row (the chunk buffer of the fused-linear loss): the second pass reads the row while it is
+    still in cache, and no second ``[N, V]`` buffer exists."""
+    row = tl.program_id(0).to(tl.int64)
     lab = tl.load(labels_ptr + row * stride_labels)
     row_valid = lab != ignore_index
-    lse = tl.load(lse_ptr + row)
-    g = tl.load(grad_loss_ptr + row * stride_gloss)
-    p_scale = g * (1.0 + 2.0 * z_loss * lse)
-    g_label = g * (1.0 - label_smoothing)
-    g_smooth = g * (label_smoothing / V)
-
-    v_read = tl.where(row_valid, V, 0)  # ignored rows do not read their logits, only write zeros
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        x = tl.load(logits_row + cols, mask=cols < v_read, other=float("-inf")).to(tl.float32)
-        if HAS_SOFTCAP:
-            th = _tanh(x * inv_softcap)
-            x = softcap * th
-        dx = p_scale * tl.exp(x - lse) - tl.where(cols == lab, g_label, 0.0) - g_smooth
-        if HAS_SOFTCAP:
-            dx = dx * (1.0 - th * th)
-        dx = tl.where(row_valid, dx, 0.0)
-        tl.store(grad_row + cols, dx.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+    logits_row = logits_ptr + row * V
+    loss, lse = _cross_entropy_row_forward(
+        logits_row, lab, row_valid, V, label_smoothing, z_loss, softcap, inv_softcap, BLOCK_V,
+        HAS_SOFTCAP)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+    _cross_entropy_row_backward(
+        logits_row, logits_row, lab, row_valid, lse, tl.load(grad_loss_ptr + row * stride_gloss),
+        V, label_smoothing, z_loss, softcap, inv_softcap, BLOCK_V, HAS_SOFTCAP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,19 +508,21 @@ def token_logprobs_backward(
     grad_entropy: Optional[torch.Tensor],
     inv_temperature: float,
     ignore_index: int,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_logp * logp) + sum(grad_entropy * entropy)`` w.r.t. ``logits``.
 
     ``lse`` / ``entropy`` are the forward's outputs (``entropy`` is needed only with
     ``grad_entropy``); ``grad_logp [N, K]`` / ``grad_entropy [N]`` may be None (zeros) and may be
-    broadcast views (stride 0). Returns a new contiguous ``[N, V]`` tensor in ``logits.dtype``:
+    broadcast views (stride 0). Returns a new contiguous ``[N, V]`` tensor in ``logits.dtype``
+    (or ``out``, which may be ``logits`` itself: in place):
     ``inv_T (sum_k g_k [j == y_k] - G p_j - gH p_j (x_j - lse + H))``, 0 for ignored rows.
     """
     logits, labels = _check_logits_and_k_labels(logits, labels)
     n, v = logits.shape
     k = labels.shape[1]
     lse = _check_row_vector(lse, n, "lse").contiguous()
-    grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    grad_logits = _grad_buffer(logits, out)
     if grad_logp is None and grad_entropy is None:
         return grad_logits.zero_()
     if grad_logp is not None:
@@ -542,11 +604,12 @@ def cross_entropy_backward(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_loss * loss)`` w.r.t. ``logits``; ``lse`` is the forward's output.
 
     ``grad_loss [N]`` may be a broadcast view. Returns a new contiguous ``[N, V]`` tensor in
-    ``logits.dtype``: ``g (p_j (1 + 2 z lse) - (1 - eps)[j == y] - eps / V) (1 - (x_j / c)^2)``
+    ``logits.dtype`` (or ``out``, which may be ``logits`` itself: in place): ``g (p_j (1 + 2 z lse) - (1 - eps)[j == y] - eps / V) (1 - (x_j / c)^2)``
     (last factor only with soft-capping), 0 for ignored rows.
     """
     logits = _check_logits(logits)
@@ -554,7 +617,7 @@ def cross_entropy_backward(
     labels = _check_labels(labels, (n,))
     lse = _check_row_vector(lse, n, "lse").contiguous()
     grad_loss = _check_row_vector(grad_loss, n, "grad_loss")
-    grad_logits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    grad_logits = _grad_buffer(logits, out)
     if n == 0:
         return grad_logits
     has_softcap, c, inv_c = _softcap_args(softcap)
@@ -567,6 +630,52 @@ def cross_entropy_backward(
             BLOCK_V=block_v, HAS_SOFTCAP=has_softcap, num_warps=num_warps,
         )
     return grad_logits
+
+
+def cross_entropy_fused(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    grad_loss: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_forward` and :func:`cross_entropy_backward` in one kernel, the
+    gradient of ``sum(grad_loss * loss)`` written over ``logits`` (contiguous ``[N, V]``, the
+    caller's own buffer). Returns new fp32 ``(loss [N], lse [N])``.
+    """
+    logits = _check_logits(logits)
+    if not logits.is_contiguous():
+        raise ValueError("logits: expected a contiguous tensor (its gradient is written over it)")
+    n, v = logits.shape
+    labels = _check_labels(labels, (n,))
+    grad_loss = _check_row_vector(grad_loss, n, "grad_loss")
+    dev = logits.device
+    loss = torch.empty((n,), dtype=torch.float32, device=dev)
+    lse = torch.empty((n,), dtype=torch.float32, device=dev)
+    if n == 0:
+        return loss, lse
+    has_softcap, c, inv_c = _softcap_args(softcap)
+    block_v, num_warps = launch_config(v)
+    with _device_ctx(logits):
+        _cross_entropy_fused_kernel[(n,)](
+            logits, labels, grad_loss, loss, lse,
+            labels.stride(0), grad_loss.stride(0),
+            v, int(ignore_index), float(label_smoothing), float(z_loss), c, inv_c,
+            BLOCK_V=block_v, HAS_SOFTCAP=has_softcap, num_warps=num_warps,
+        )
+    return loss, lse
+
+
+def _grad_buffer(logits: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gradient's destination: new, or ``out`` (contiguous, same shape and dtype as logits)."""
+    if out is None:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out.shape != logits.shape or out.dtype != logits.dtype or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {tuple(logits.shape)} {logits.dtype} tensor, "
+                         f"got {tuple(out.shape)} {out.dtype} (contiguous={out.is_contiguous()})")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,4 +756,12 @@ def aot_specs(vocab: int = 128256,
             }, ("stride_labels", "stride_gloss"))
             consts.update(BLOCK_V=block_v, HAS_SOFTCAP=has_softcap)
             specs.append((_cross_entropy_bwd_kernel, sig, consts, num_warps))
+            sig, consts = _jit_like({
+                "logits_ptr": lg, "labels_ptr": "*i64", "grad_loss_ptr": "*fp32", "loss_ptr": "*fp32",
+                "lse_ptr": "*fp32", "stride_labels": "i32", "stride_gloss": "i32", "V": "i32",
+                "ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32",
+                "inv_softcap": "fp32", "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr",
+            }, ("stride_labels", "stride_gloss"))
+            consts.update(BLOCK_V=block_v, HAS_SOFTCAP=has_softcap)
+            specs.append((_cross_entropy_fused_kernel, sig, consts, num_warps))
     return specs

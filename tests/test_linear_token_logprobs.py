@@ -225,3 +225,79 @@ def test_torch_compile_fullgraph(backend, device, mask):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
     if mask == "all":
         assert out_c.item() == 0.0 and all((p.grad == 0).all() for p in comp_p)
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_token_weights_reduction_none(backend, device, dtype):
+    """RL / weighted SFT: per-token losses times per-token weights (some zero, some negative)."""
+    hidden, weight, bias, labels = make(3 * 7, 33, 4097, 1, dtype, "some", bias=True)
+    hidden, labels = hidden.reshape(3, 7, 33), labels.reshape(3, 7)
+    tok_w = torch.randn(3, 7, generator=torch.Generator().manual_seed(11))
+    tok_w[0, :3] = 0.0
+
+    def run(be, dt):
+        params = leafs(hidden, weight, bias, dtype=dt)
+        if be == "reference":
+            rows = linear_cross_entropy_reference(params[0], params[1], labels, params[2], reduction="none")
+        else:
+            rows = ptk.linear_cross_entropy(params[0], params[1], labels, bias=params[2],
+                                            reduction="none", chunk_size=4, backend=be)
+        loss = (rows * tok_w.to(rows.dtype)).sum() / tok_w.abs().sum()
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in params]
+
+    got, ref, oracle = run(backend, dtype), run("reference", dtype), run("reference", torch.float64)
+    check_all(got, ref, oracle, dtype, ["loss", "grad hidden", "grad weight", "grad bias"])
+    # a token whose weight is 0 gets no hidden gradient
+    assert (got[1][0, :3] == 0).all()
+
+
+@pytest.fixture(params=["cpu-upcast", "native-bf16-gemm"])
+def gemm_mode(request, monkeypatch):
+    """Both GEMM modes of bf16 heads: fp32 GEMMs (this CPU) and bf16 GEMMs (GPUs, AMX CPUs)."""
+    from posttrain_kernels.ops import linear_token_logprobs as ops
+    monkeypatch.setattr(ops, "cpu_has_fast_low_precision_gemm", lambda: request.param != "cpu-upcast")
+    return request.param
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_gemm_modes(backend, device, gemm_mode, reduction):
+    hidden, weight, bias, labels = make(13, 33, 4097, 1, torch.bfloat16, "some", bias=True)
+
+    def run(be, dt):
+        params = leafs(hidden, weight, bias, dtype=dt)
+        if be == "reference":
+            out = linear_cross_entropy_reference(params[0], params[1], labels, params[2], reduction=reduction)
+        else:
+            out = ptk.linear_cross_entropy(params[0], params[1], labels, bias=params[2], reduction=reduction,
+                                           chunk_size=5, backend=be)
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        return [out.detach()] + grads_of([out], [up], params)
+
+    got = run(backend, torch.bfloat16)
+    ref, oracle = run("reference", torch.bfloat16), run("reference", torch.float64)
+    assert [t.dtype for t in got[1:]] == [torch.bfloat16] * 3
+    check_all(got, ref, oracle, torch.bfloat16, ["loss", "grad hidden", "grad weight", "grad bias"])
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+def test_bf16_weight_grad_accumulated_in_fp32(backend, device, gemm_mode):
+    """Hundreds of one-row chunks: a bf16 running sum of the weight gradient would round at every
+    chunk; the fp32 accumulator keeps the error of the materialized bf16 computation."""
+    hidden, weight, _, labels = make(384, 32, 64, 1, torch.bfloat16, "none", bias=False)
+
+    def run(be, dt, chunk=None):
+        h, w = leafs(hidden, weight, dtype=dt)
+        if be == "reference":
+            loss = linear_cross_entropy_reference(h, w, labels, reduction="sum")
+        else:
+            loss = ptk.linear_cross_entropy(h, w, labels, reduction="sum", chunk_size=chunk, backend=be)
+        loss.backward()
+        return w.grad.double()
+
+    oracle = run("reference", torch.float64)
+    err_ref = (run("reference", torch.bfloat16) - oracle).norm() / oracle.norm()
+    err_one_row_chunks = (run(backend, torch.bfloat16, chunk=1) - oracle).norm() / oracle.norm()
+    assert err_one_row_chunks < 2 * err_ref + 1e-3, (err_one_row_chunks, err_ref)

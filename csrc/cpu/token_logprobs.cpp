@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/dtype.h"
 
@@ -66,6 +67,14 @@ void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64
                             const float* grad_loss, void* grad_logits) {
   PTK_ISA_CALL(cross_entropy_backward_isa, logits, dtype, n_rows, vocab, row_stride, labels,
                ignore_index, label_smoothing, z_loss, softcap, lse, grad_loss, grad_logits);
+}
+
+void cross_entropy_fused(void* logits, int dtype, int64_t n_rows, int64_t vocab,
+                         const int64_t* labels, int64_t ignore_index, float label_smoothing,
+                         float z_loss, float softcap, const float* grad_loss, float* loss,
+                         float* lse) {
+  PTK_ISA_CALL(cross_entropy_fused_isa, logits, dtype, n_rows, vocab, labels, ignore_index,
+               label_smoothing, z_loss, softcap, grad_loss, loss, lse);
 }
 
 }  // namespace cpu

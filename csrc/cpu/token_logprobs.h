@@ -4,7 +4,8 @@
 //   logits      [n_rows, vocab] of `dtype` (a ptk::DType), unit stride along vocab, `row_stride`
 //               elements between rows (int64, so rows x vocab may pass 2^31).
 //   labels      int64 [n_rows, k] contiguous; `ignore_index` marks an ignored label.
-//   outputs     fp32, contiguous; grad_logits is [n_rows, vocab] contiguous of `dtype`.
+//   outputs     fp32, contiguous; grad_logits is [n_rows, vocab] contiguous of `dtype`, and may be
+//               the logits buffer itself (in place; then row_stride must be vocab).
 //   x_j         the scaled logit: logits_j * inv_temperature (token_logprobs) or
 //               softcap * tanh(logits_j / softcap) (cross_entropy, softcap > 0).
 #pragma once
@@ -43,6 +44,14 @@ void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64
                             int64_t row_stride, const int64_t* labels, int64_t ignore_index,
                             float label_smoothing, float z_loss, float softcap, const float* lse,
                             const float* grad_loss, void* grad_logits);
+
+// cross_entropy_forward and cross_entropy_backward of each row back to back (grad_loss [n_rows]
+// fp32 the upstream gradient of each row's loss), the gradient written over `logits` (contiguous
+// [n_rows, vocab], overwritten); loss and lse as cross_entropy_forward.
+void cross_entropy_fused(void* logits, int dtype, int64_t n_rows, int64_t vocab,
+                         const int64_t* labels, int64_t ignore_index, float label_smoothing,
+                         float z_loss, float softcap, const float* grad_loss, float* loss,
+                         float* lse);
 
 }  // namespace cpu
 }  // namespace ptk

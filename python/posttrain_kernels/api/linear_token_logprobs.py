@@ -11,19 +11,23 @@ from torch import Tensor
 from .. import _validation as V
 from ..dispatch import resolve_backend
 from ..ops.linear_token_logprobs import (LinearCrossEntropyRows, LinearCrossEntropyScalar,
-                                         LinearTokenLogprobs)
+                                         LinearTokenLogprobs, logits_element_size)
 from ..reference import linear_cross_entropy_reference, linear_token_logprobs_reference
 from .token_logprobs import REDUCTIONS
 
 CHUNK_BYTES_ENV = "POSTTRAIN_KERNELS_CHUNK_BYTES"
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
 def default_chunk_rows(vocab: int, element_size: int) -> int:
-    """Rows per chunk so that a chunk's logits and their gradient fit the memory budget
-    (``POSTTRAIN_KERNELS_CHUNK_BYTES``, default 64 MiB)."""
+    """Rows per chunk so that a chunk's logits buffer (which then holds their gradient, in place)
+    fits the memory budget ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (default 32 MiB)."""
     budget = int(os.environ.get(CHUNK_BYTES_ENV, DEFAULT_CHUNK_BYTES))
-    return max(1, budget // max(1, 2 * vocab * element_size))
+    return max(1, budget // max(1, vocab * element_size))
+
+
+def _chunk_rows(chunk_size, vocab, weight, fp32_logits):
+    return chunk_size or default_chunk_rows(vocab, logits_element_size(weight, fp32_logits))
 
 
 def _prepare(hidden, weight, bias, labels, chunk_size, single_only=False):
@@ -99,7 +103,8 @@ def linear_token_logprobs(
         softcap: ``None`` or ``c > 0``: logits become ``c * tanh(logits / c)`` (before temperature).
         logit_scale: multiplies the logits first (e.g. Cohere's / Granite's logit scaling).
         chunk_size: rows per chunk; default from a memory budget of
-            ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB) for a chunk's logits and their gradient.
+            ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (32 MiB) for a chunk's logits buffer, which then
+            holds their gradient (in place).
         fp32_logits: compute the head matmul in fp32 even for bf16/fp16 inputs (log-probs that match
             an inference engine computing fp32 logits).
         backend: backend of the per-chunk kernels (``"auto"``, ``"cpu"``, ``"triton"``, ...).
@@ -122,7 +127,7 @@ def linear_token_logprobs(
                                                ignore_index, return_entropy, softcap, scale)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     lead = hidden.shape[:-1]
-    chunk = chunk_size or default_chunk_rows(vocab, 4 if fp32_logits else hidden.element_size())
+    chunk = _chunk_rows(chunk_size, vocab, weight, fp32_logits)
     with torch.autocast(hidden.device.type, enabled=False):
         logp, entropy, _ = LinearTokenLogprobs.apply(
             hidden.reshape(-1, h), weight, bias, labels.reshape(-1, k).to(torch.int64).contiguous(),
@@ -168,7 +173,7 @@ def linear_cross_entropy(
         return linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, eps, z,
                                               softcap, scale, reduction)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    chunk = chunk_size or default_chunk_rows(vocab, 4 if fp32_logits else hidden.element_size())
+    chunk = _chunk_rows(chunk_size, vocab, weight, fp32_logits)
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()
     with torch.autocast(hidden.device.type, enabled=False):
         if reduction == "none":

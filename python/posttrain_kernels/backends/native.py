@@ -1,7 +1,7 @@
 """The C++ (CPU) and CUDA kernels of ``posttrain_kernels._C``, called with raw pointers.
 
 ``_C`` is torch-free, so tensors cross the boundary as ``data_ptr()`` + sizes + strides + a dtype
-code; outputs are allocated here. CUDA launches go on the current stream of the logits' device.
+code; outputs are allocated here, or written into ``out`` (which may be the logits: in place). CUDA launches go on the current stream of the logits' device.
 """
 from __future__ import annotations
 
@@ -63,16 +63,16 @@ class NativeBackend:
     def token_logprobs_backward(self, logits: Tensor, labels: Tensor, lse: Tensor,
                                 entropy: Optional[Tensor], grad_logp: Optional[Tensor],
                                 grad_entropy: Optional[Tensor], inv_temperature: float,
-                                ignore_index: int) -> Tensor:
+                                ignore_index: int, out: Optional[Tensor] = None) -> Tensor:
         n, v = logits.shape
-        grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+        grad_logits = self._grad_buffer(logits, out)
         with self._on_device(logits):
             self._fn("token_logprobs_backward")(
                 _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
                 labels.shape[1], float(inv_temperature), int(ignore_index), _ptr(lse),
                 _ptr(entropy) if grad_entropy is not None else 0, _ptr(grad_logp), _ptr(grad_entropy),
                 _ptr(grad_logits), **self._stream(logits))
-        return grad_logits
+        return self._finish(grad_logits, out)
 
     def cross_entropy_forward(self, logits: Tensor, labels: Tensor, ignore_index: int,
                               label_smoothing: float, z_loss: float, softcap: float) -> Tuple[Tensor, Tensor]:
@@ -88,14 +88,49 @@ class NativeBackend:
 
     def cross_entropy_backward(self, logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                                ignore_index: int, label_smoothing: float, z_loss: float,
-                               softcap: float) -> Tensor:
+                               softcap: float, out: Optional[Tensor] = None) -> Tensor:
         n, v = logits.shape
-        grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+        grad_loss = grad_loss.to(torch.float32).contiguous()  # the kernel reads it densely
+        grad_logits = self._grad_buffer(logits, out)
         with self._on_device(logits):
             self._fn("cross_entropy_backward")(
                 _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
                 int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(lse),
                 _ptr(grad_loss), _ptr(grad_logits), **self._stream(logits))
+        return self._finish(grad_logits, out)
+
+    def cross_entropy_fused(self, logits: Tensor, labels: Tensor, grad_loss: Tensor,
+                            ignore_index: int, label_smoothing: float, z_loss: float,
+                            softcap: float) -> Tuple[Tensor, Tensor]:
+        """Forward and backward at once; the gradient is written over ``logits`` (contiguous)."""
+        if self.suffix != "cpu":
+            loss, lse = self.cross_entropy_forward(logits, labels, ignore_index, label_smoothing,
+                                                   z_loss, softcap)
+            self.cross_entropy_backward(logits, labels, lse, grad_loss, ignore_index,
+                                        label_smoothing, z_loss, softcap, out=logits)
+            return loss, lse
+        n, v = logits.shape
+        grad_loss = grad_loss.to(torch.float32).contiguous()  # the kernel reads it densely
+        loss = torch.empty((n,), device=logits.device, dtype=torch.float32)
+        lse = torch.empty((n,), device=logits.device, dtype=torch.float32)
+        self._fn("cross_entropy_fused")(
+            _ptr(logits), DTYPE_CODES[logits.dtype], n, v, _ptr(labels), int(ignore_index),
+            float(label_smoothing), float(z_loss), float(softcap), _ptr(grad_loss), _ptr(loss),
+            _ptr(lse))
+        return loss, lse
+
+    def _grad_buffer(self, logits: Tensor, out: Optional[Tensor]) -> Tensor:
+        # The CUDA kernels take their pointers as __restrict__: an in-place request gets a new
+        # buffer there, copied over the logits afterwards (same result, no memory saved).
+        if out is None or (self.suffix == "cuda" and out.data_ptr() == logits.data_ptr()):
+            return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        return out
+
+    @staticmethod
+    def _finish(grad_logits: Tensor, out: Optional[Tensor]) -> Tensor:
+        if out is not None and grad_logits is not out:
+            out.copy_(grad_logits)
+            return out
         return grad_logits
 
 

@@ -57,9 +57,11 @@ def token_logprobs_forward(logits: Tensor, labels: Tensor, inv_temperature: floa
 
 def token_logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Optional[Tensor],
                             grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                            inv_temperature: float, ignore_index: int) -> Tensor:
+                            inv_temperature: float, ignore_index: int,
+                            out: Optional[Tensor] = None) -> Tensor:
     n, v = logits.shape
-    grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+    # a chunk's gradient is computed whole before it is stored, so ``out`` may be ``logits``
+    grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype) if out is None else out
     for sl in _chunks(n, v):
         x = logits[sl].float() * inv_temperature
         l = lse[sl][:, None]
@@ -103,9 +105,9 @@ def cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int, lab
 
 def cross_entropy_backward(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                            ignore_index: int, label_smoothing: float, z_loss: float,
-                           softcap: float) -> Tensor:
+                           softcap: float, out: Optional[Tensor] = None) -> Tensor:
     n, v = logits.shape
-    grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+    grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype) if out is None else out
     eps = label_smoothing
     for sl in _chunks(n, v):
         x = _capped(logits[sl], softcap)
@@ -119,3 +121,12 @@ def cross_entropy_backward(logits: Tensor, labels: Tensor, lse: Tensor, grad_los
         # Ignored rows carry lse = 0, so exp(x - lse) may overflow there: clear them last.
         grad_logits[sl] = dx.masked_fill_(ignored[:, None], 0.0)
     return grad_logits
+
+
+def cross_entropy_fused(logits: Tensor, labels: Tensor, grad_loss: Tensor, ignore_index: int,
+                        label_smoothing: float, z_loss: float, softcap: float) -> Tuple[Tensor, Tensor]:
+    """Forward, then the backward written over ``logits``."""
+    loss, lse = cross_entropy_forward(logits, labels, ignore_index, label_smoothing, z_loss, softcap)
+    cross_entropy_backward(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss,
+                           softcap, out=logits)
+    return loss, lse

@@ -125,3 +125,54 @@ def _backward_cross_entropy(ctx, grad_loss, _grad_lse):
 
 
 cross_entropy_forward.register_autograd(_backward_cross_entropy, setup_context=_setup_cross_entropy)
+
+
+# --------------------------------------------------------------------------------------------
+# In-place variants for the fused-linear losses: the gradient is written over the logits, which
+# there are the loss's own chunk buffer (never a caller's tensor), so a chunk needs one
+# [rows, V] buffer instead of two. Not differentiable (they are the backward).
+
+
+@torch.library.custom_op("posttrain_kernels::token_logprobs_backward_", mutates_args=("logits",))
+def token_logprobs_backward_(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
+                             grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                             inv_temperature: float, ignore_index: int, backend: str) -> None:
+    """``token_logprobs_backward`` written over ``logits`` (contiguous)."""
+    launchers(backend).token_logprobs_backward(logits, labels, lse, entropy, grad_logp,
+                                               grad_entropy, inv_temperature, ignore_index,
+                                               out=logits)
+
+
+@token_logprobs_backward_.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+    return None
+
+
+@torch.library.custom_op("posttrain_kernels::cross_entropy_backward_", mutates_args=("logits",))
+def cross_entropy_backward_(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
+                            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                            backend: str) -> None:
+    """``cross_entropy_backward`` written over ``logits`` (contiguous)."""
+    launchers(backend).cross_entropy_backward(logits, labels, lse, grad_loss, ignore_index,
+                                              label_smoothing, z_loss, softcap, out=logits)
+
+
+@cross_entropy_backward_.register_fake
+def _(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return None
+
+
+@torch.library.custom_op("posttrain_kernels::cross_entropy_fused_", mutates_args=("logits",))
+def cross_entropy_fused_(logits: Tensor, labels: Tensor, grad_loss: Tensor, ignore_index: int,
+                         label_smoothing: float, z_loss: float, softcap: float,
+                         backend: str) -> Tuple[Tensor, Tensor]:
+    """Per-row loss and lse (fp32 ``(N,)``) as ``cross_entropy_forward``, and the gradient of
+    ``sum(grad_loss * loss)`` written over ``logits`` (contiguous ``(N, V)``), in one pass."""
+    return launchers(backend).cross_entropy_fused(logits, labels, grad_loss, ignore_index,
+                                                  label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_fused_.register_fake
+def _(logits, labels, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
+    n = labels.shape[0]
+    return logits.new_empty((n,), dtype=_F32), logits.new_empty((n,), dtype=_F32)
