@@ -16,12 +16,12 @@ from ..reference import linear_cross_entropy_reference, linear_token_logprobs_re
 from .token_logprobs import REDUCTIONS
 
 CHUNK_BYTES_ENV = "POSTTRAIN_KERNELS_CHUNK_BYTES"
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk_rows(vocab: int, element_size: int) -> int:
     """Rows per chunk so that a chunk's logits buffer (which then holds their gradient, in place)
-    fits the memory budget ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (default 32 MiB)."""
+    fits the memory budget ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (default 64 MiB)."""
     budget = int(os.environ.get(CHUNK_BYTES_ENV, DEFAULT_CHUNK_BYTES))
     return max(1, budget // max(1, vocab * element_size))
 
@@ -103,7 +103,7 @@ def linear_token_logprobs(
         softcap: ``None`` or ``c > 0``: logits become ``c * tanh(logits / c)`` (before temperature).
         logit_scale: multiplies the logits first (e.g. Cohere's / Granite's logit scaling).
         chunk_size: rows per chunk; default from a memory budget of
-            ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (32 MiB) for a chunk's logits buffer, which then
+            ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB) for a chunk's logits buffer, which then
             holds their gradient (in place).
         fp32_logits: compute the head matmul in fp32 even for bf16/fp16 inputs (log-probs that match
             an inference engine computing fp32 logits).

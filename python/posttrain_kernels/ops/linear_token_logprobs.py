@@ -297,5 +297,10 @@ class LinearCrossEntropyScalar(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gh, gw, gb = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (gh, gw, gb)]
-        return (*scaled, None, None, None, None, None, None, None, None, None, None, None)
+        # Scaled in place: they are this node's own buffers, and a copy would double the memory of
+        # the gradients. A second backward through the same graph (retain_graph=True) then fails
+        # with PyTorch's "modified by an inplace operation" error instead of using scaled values.
+        for g in (gh, gw, gb):
+            if g is not None:
+                g.mul_(grad_out)
+        return (gh, gw, gb, None, None, None, None, None, None, None, None, None, None, None)
