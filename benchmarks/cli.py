@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated name fragments: run only the implementations whose name "
+                        "contains one (eager always runs), e.g. 'ptk cpu,floor'")
     p.add_argument("--slow-s", type=float, default=60.0,
                    help="fused-linear ops: an implementation whose first call takes longer than this "
                         "many seconds is timed by that call alone (marked '1 run')")
@@ -112,7 +115,9 @@ def write_png(rows: List[Row], path: str, title: str) -> bool:
         axes[i][0].barh(names, [r.time_ms for r in sel], color=colors)
         axes[i][0].set_xlabel("forward + backward, ms (lower is better)")
         axes[i][0].set_title(f"{op}, {dt}", fontsize=9)
-        axes[i][1].barh(names, [r.peak_extra_mib or 0 for r in sel], color=colors)
+        # the floor's memory is not comparable (whole GEMM outputs): no bar
+        axes[i][1].barh(names, [0 if r.impl.endswith("(floor)") else (r.peak_extra_mib or 0) for r in sel],
+                        color=colors)
         axes[i][1].axvline(sel[0].grad_mib, color="k", ls="--", lw=1)
         axes[i][1].set_xlabel("peak extra memory, MiB (dashed: the input gradients)")
         for ax in axes[i]:
@@ -158,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     results = run_suite(ops, dtypes, rows, vocab, device, repeats, warmup, not args.no_compile,
                         progress=lambda s: print(f"  {s} ({time.time() - t0:.0f}s)", flush=True),
                         linear_rows=linear_rows, hidden_size=hidden_size, linear_dtypes=linear_dtypes,
-                        slow_s=args.slow_s)
+                        slow_s=args.slow_s,
+                        only=None if not args.impls else [x.strip() for x in args.impls.split(",")])
     table = format_table(results)
     print(table)
     title = (f"{rows} x {vocab} (fused linear: {linear_rows} tokens, H={hidden_size}), "

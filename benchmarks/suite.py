@@ -163,14 +163,15 @@ def _gemm_floor(n_gemms: int) -> Callable:
 
 def run_linear(op: str, dtype: torch.dtype, rows: int, hidden_size: int, vocab: int,
                device: torch.device, repeats: int, warmup: int, compile_reference: bool,
-               progress: Callable[[str], None], slow_s: float = 60.0) -> List[Row]:
+               progress: Callable[[str], None], slow_s: float = 60.0,
+               only: Optional[List[str]] = None) -> List[Row]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(rows, hidden_size, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(
         device=device, dtype=dtype).requires_grad_(True)
     labels = torch.randint(0, vocab, (rows,), generator=gen).to(device)
     grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
-    impls = linear_implementations(op, device, compile_reference)
+    impls = _select(linear_implementations(op, device, compile_reference), only)
     out: List[Row] = []
     for i, (name, fn) in enumerate(impls.items()):
         progress(f"[{op} {str(dtype)[6:]}] {i + 1}/{len(impls)} {name}")
@@ -202,6 +203,14 @@ def run_linear(op: str, dtype: torch.dtype, rows: int, hidden_size: int, vocab: 
     return out
 
 
+def _select(impls: Dict[str, Callable], only: Optional[List[str]]) -> Dict[str, Callable]:
+    """The implementations whose name contains one of ``only`` (all when None); eager is always
+    kept, as every ratio is taken against it."""
+    if not only:
+        return impls
+    return {k: f for k, f in impls.items() if k == "eager" or any(o in k for o in only)}
+
+
 def _add_speedups(op_rows: List[Row]) -> None:
     base = {r.impl: r.time_ms for r in op_rows}
     for r in op_rows:
@@ -214,18 +223,18 @@ def run_suite(ops: List[str], dtypes: List[torch.dtype], rows: int, vocab: int,
               device: torch.device, repeats: int, warmup: int, compile_reference: bool,
               progress: Callable[[str], None] = print, linear_rows: int = 2048,
               hidden_size: int = 1024, linear_dtypes: Optional[List[torch.dtype]] = None,
-              slow_s: float = 60.0) -> List[Row]:
+              slow_s: float = 60.0, only: Optional[List[str]] = None) -> List[Row]:
     results: List[Row] = []
     bw = copy_bandwidth(rows * vocab * 2, device) if device.type == "cuda" else None
     for op in ops:
         if op in LINEAR_OPS:
             for dtype in (dtypes if linear_dtypes is None else linear_dtypes):
                 op_rows = run_linear(op, dtype, linear_rows, hidden_size, vocab, device, repeats,
-                                     warmup, compile_reference, progress, slow_s)
+                                     warmup, compile_reference, progress, slow_s, only)
                 _add_speedups(op_rows)
                 results.extend(op_rows)
             continue
-        impls = implementations(op, device, compile_reference)
+        impls = _select(implementations(op, device, compile_reference), only)
         for dtype in dtypes:
             gen = torch.Generator(device="cpu").manual_seed(0)
             logits = (torch.randn(rows, vocab, generator=gen) * 2).to(device=device, dtype=dtype)

@@ -46,3 +46,50 @@ def test_gpu_int64_offsets(backend):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(logits.grad[tail].float()).all()
     assert logits.grad[tail].float().abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_linear_cross_entropy(backend, dtype, reduction):
+    """The fused-linear path on the GPU: bf16 GEMMs with the fp32 weight-gradient accumulation
+    (addmm with out_dtype), in-place chunk gradients, chunks that do not divide the rows."""
+    from posttrain_kernels.reference import linear_cross_entropy_reference
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1000, 256, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(32003, 256, device="cuda", generator=g) / 16).to(dtype)
+    y = torch.randint(0, 32003, (1000,), device="cuda", generator=g)
+    y[::7] = -100
+
+    def run(fn, dt):
+        hh, ww = h.to(dt).requires_grad_(True), w.to(dt).requires_grad_(True)
+        out = fn(hh, ww)
+        (out.sum() if out.dim() else out).backward()
+        return out.detach().double(), hh.grad.double(), ww.grad.double()
+
+    got = run(lambda a, b: ptk.linear_cross_entropy(a, b, y, reduction=reduction, chunk_size=300,
+                                                    backend=backend), dtype)
+    oracle = run(lambda a, b: linear_cross_entropy_reference(a, b, y, reduction=reduction), torch.float64)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got, oracle):
+        assert (a - b).norm() <= tol * b.norm() + 1e-6
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_linear_logprobs_peak_memory(backend):
+    """bf16, 16384 tokens x H=4096 x V=131072: extra memory beyond the gradients under 1 GiB."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    n, hd, v = 16384, 4096, 131072
+    h = torch.randn(n, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, hd, device="cuda", dtype=torch.bfloat16) / 64).requires_grad_(True)
+    y = torch.randint(0, v, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lp, ent = ptk.linear_token_logprobs(h, w, y, return_entropy=True, backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    torch.cuda.synchronize()
+    grads = (h.numel() + w.numel()) * 2
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    assert extra < 2**30 + v * hd * 4, extra / 2**20  # the fp32 weight-gradient accumulator aside

@@ -49,6 +49,16 @@ def check_positive(name: str, value) -> float:
     return v
 
 
+def check_finite(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return v
+
+
 def check_range(name: str, value, lo: float, hi: float, hi_inclusive: bool = False) -> float:
     try:
         v = float(value)

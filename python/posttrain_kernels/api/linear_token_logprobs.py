@@ -119,7 +119,7 @@ def linear_token_logprobs(
     vocab, h, k = _prepare(hidden, weight, bias, labels, chunk_size)
     temperature = V.check_positive("temperature", temperature)
     cap = 0.0 if softcap is None else V.check_positive("softcap", softcap)
-    scale = float(logit_scale)
+    scale = V.check_finite("logit_scale", logit_scale)
     name = resolve_backend(backend, hidden.device)
     V.check_label_range(labels, vocab, ignore_index)
     if name == "reference":
@@ -166,7 +166,7 @@ def linear_cross_entropy(
     eps = V.check_range("label_smoothing", label_smoothing, 0.0, 1.0, hi_inclusive=True)
     z = V.check_range("z_loss", z_loss, 0.0, float("inf"))
     cap = 0.0 if softcap is None else V.check_positive("softcap", softcap)
-    scale = float(logit_scale)
+    scale = V.check_finite("logit_scale", logit_scale)
     name = resolve_backend(backend, hidden.device)
     V.check_label_range(labels, vocab, ignore_index)
     if name == "reference":
