@@ -172,6 +172,8 @@ def test_peak_memory_scales_with_chunk_not_tokens():
             hidden.grad = None
             ptk.linear_cross_entropy(hidden, weight, labels, chunk_size=chunk, backend="cpu").backward()
         step()
+        weight.grad = None  # the baseline must not hold the previous call's gradients
+        hidden.grad = None
         return peak_extra_bytes(step, torch.device("cpu"))
 
     p_small = peak(512, 64)
@@ -183,9 +185,11 @@ def test_peak_memory_scales_with_chunk_not_tokens():
     # 8x the tokens, the same chunk: the peak must not grow with the tokens (materialized logits
     # alone would be 4096 x 32000 x 4 bytes = 500 MiB). Besides the gradients: one chunk buffer
     # (the gradient is written over the logits), its loss/lse vectors, and BLAS packing workspace.
-    blas_workspace = 32 * 2**20
+    blas_workspace = 16 * 2**20
     assert p_large < grads + 2 * chunk_bytes + blas_workspace, (p_small, p_large)
-    assert p_large < 1.5 * p_small + 4096 * h * 8
+    # growth from 512 to 4096 tokens: grad hidden and per-token vectors, plus allocator / thread
+    # workspace noise; materialized logits would grow by 3584 x 32000 x 4 bytes = 437 MiB
+    assert p_large - p_small < (4096 - 512) * h * 4 * 2 + 16 * 2**20, (p_small, p_large)
 
 
 def test_no_grad_computes_no_gradients(monkeypatch):
