@@ -41,13 +41,14 @@ def cpu_has_fast_low_precision_gemm() -> bool:
         return False
 
 
+def _cpu_upcast(weight: Tensor) -> bool:
+    """bf16/fp16 head on a CPU without bf16 GEMMs: every GEMM runs in fp32 (see _Head)."""
+    return weight.dtype != _F32 and weight.device.type == "cpu" and not cpu_has_fast_low_precision_gemm()
+
+
 def logits_element_size(weight: Tensor, fp32_logits: bool) -> int:
     """Bytes per element of a chunk's logits buffer for this head weight (see _Head's modes)."""
-    if weight.dtype == _F32 or fp32_logits:
-        return 4
-    if weight.device.type == "cpu" and not cpu_has_fast_low_precision_gemm():
-        return 4
-    return weight.element_size()
+    return 4 if (fp32_logits or _cpu_upcast(weight)) else weight.element_size()
 
 
 class _Head:
@@ -65,9 +66,8 @@ class _Head:
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], fp32_logits: bool, logit_scale: float):
         self.weight, self.bias, self.scale = weight, bias, logit_scale
-        low = weight.dtype != _F32
-        self.grads_fp32 = low and weight.device.type == "cpu" and not cpu_has_fast_low_precision_gemm()
-        self.logits_fp32 = low and (fp32_logits or self.grads_fp32)
+        self.grads_fp32 = _cpu_upcast(weight)
+        self.logits_fp32 = weight.dtype != _F32 and (fp32_logits or self.grads_fp32)
         v, h = weight.shape
         self.block = max(1, _UPCAST_BLOCK_BYTES // (4 * max(h, 1)))
         self.blocks = [slice(s, min(s + self.block, v)) for s in range(0, v, self.block)]
@@ -96,11 +96,7 @@ class _Head:
                 acc.addmm_(g[:, vb], w[vb].float())
             out.copy_(acc)
             return
-        g = g.to(w.dtype)
-        if out.dtype == w.dtype:
-            torch.mm(g, w, out=out)
-        else:
-            out.copy_(g @ w)
+        torch.mm(g.to(w.dtype), w, out=out)  # out has the weight's dtype (checked in the API)
 
     def grad_weight(self, acc: Tensor, g: Tensor, h: Tensor) -> None:
         """acc (V, H) fp32 += g.T @ h, with fp32 accumulation across chunks."""
