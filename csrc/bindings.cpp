@@ -68,16 +68,18 @@ T* P(ptr_t p) {
   m.def(                                                                                         \
       "cross_entropy_backward_" SUFFIX,                                                          \
       [](ptr_t logits, int dtype, int64_t n, int64_t v, int64_t rs, ptr_t labels, int64_t ignore, \
-         float eps, float z, float softcap, ptr_t lse, ptr_t g_loss, ptr_t g_logits STREAM_DECL) { \
+         float eps, float z, float softcap, int64_t sv, ptr_t lse, ptr_t g_loss,                 \
+         ptr_t g_logits STREAM_DECL) {                                                           \
         py::gil_scoped_release nogil;                                                            \
         ptk::NS::cross_entropy_backward(P<const void>(logits), dtype, n, v, rs,                  \
-                                        P<const int64_t>(labels), ignore, eps, z, softcap,       \
+                                        P<const int64_t>(labels), ignore, eps, z, softcap, sv,   \
                                         P<const float>(lse), P<const float>(g_loss),             \
                                         P<void>(g_logits) STREAM_ARG);                           \
       },                                                                                         \
       py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"),                  \
       py::arg("row_stride"), py::arg("labels"), py::arg("ignore_index"),                         \
-      py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("lse"),         \
+      py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"),                         \
+      py::arg("smoothing_vocab"), py::arg("lse"),                                                \
       py::arg("grad_loss"), py::arg("grad_logits") STREAM_PYARG);
 
 #define PTK_COMMA ,

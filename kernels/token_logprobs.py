@@ -278,14 +278,16 @@ def _cross_entropy_row_backward(
     grad_row,           # *{logits dtype}: the row's first gradient element; may equal logits_row
     lab, row_valid, lse,
     g,                  # fp32: upstream gradient of the row's loss
-    V, label_smoothing, z_loss, softcap, inv_softcap,
+    V, label_smoothing,
+    eps_per_class,      # fp32: eps / V_s, V_s the row's full width (the logits may be a column block)
+    z_loss, softcap, inv_softcap,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """grad_row = g * d loss / d logits_row, tile by tile; each tile is loaded before it is
     stored, so the gradient may be written over the logits (in place)."""
     p_scale = g * (1.0 + 2.0 * z_loss * lse)
     g_label = g * (1.0 - label_smoothing)
-    g_smooth = g * (label_smoothing / V)
+    g_smooth = g * eps_per_class
     v_read = tl.where(row_valid, V, 0)  # ignored rows do not read their logits, only write zeros
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -344,6 +346,7 @@ def _cross_entropy_bwd_kernel(
     V,                  # int: vocabulary size; also the row stride of grad_logits
     ignore_index,       # int: label value that marks an ignored row
     label_smoothing,    # fp32: eps
+    eps_per_class,      # fp32: eps / V_s (V_s = V, or the full width when logits are a column block)
     z_loss,             # fp32: z
     softcap,            # fp32: c (read only if HAS_SOFTCAP)
     inv_softcap,        # fp32: 1 / c (read only if HAS_SOFTCAP)
@@ -351,15 +354,16 @@ def _cross_entropy_bwd_kernel(
     HAS_SOFTCAP: tl.constexpr,  # x = c tanh(logits / c) instead of x = logits
 ):
     """Per row r, with ``p = exp(x - lse)``, ``g = grad_loss[r]``:
-    ``grad_logits[r, j] = g (p_j (1 + 2 z lse) - (1 - eps)[j == y] - eps / V) * (1 - (x_j / c)^2)``
-    (the last factor only with soft-capping); ignored rows get 0.
+    ``grad_logits[r, j] = g (p_j (1 + 2 z lse) - (1 - eps)[j == y] - eps / V_s) * (1 - (x_j / c)^2)``
+    (the last factor only with soft-capping); ignored rows get 0; a label outside [0, V) adds no
+    one-hot term (the row's label lies in another column block).
     """
     row = tl.program_id(0).to(tl.int64)
     lab = tl.load(labels_ptr + row * stride_labels)
     _cross_entropy_row_backward(
         logits_ptr + row * stride_logits_row, grad_logits_ptr + row * V, lab, lab != ignore_index,
         tl.load(lse_ptr + row), tl.load(grad_loss_ptr + row * stride_gloss), V, label_smoothing,
-        z_loss, softcap, inv_softcap, BLOCK_V, HAS_SOFTCAP)
+        eps_per_class, z_loss, softcap, inv_softcap, BLOCK_V, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -394,7 +398,7 @@ def _cross_entropy_fused_kernel(
     tl.store(lse_ptr + row, lse)
     _cross_entropy_row_backward(
         logits_row, logits_row, lab, row_valid, lse, tl.load(grad_loss_ptr + row * stride_gloss),
-        V, label_smoothing, z_loss, softcap, inv_softcap, BLOCK_V, HAS_SOFTCAP)
+        V, label_smoothing, label_smoothing / V, z_loss, softcap, inv_softcap, BLOCK_V, HAS_SOFTCAP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,8 +609,13 @@ def cross_entropy_backward(
     z_loss: float,
     softcap: float,
     out: Optional[torch.Tensor] = None,
+    smoothing_vocab: int = 0,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_loss * loss)`` w.r.t. ``logits``; ``lse`` is the forward's output.
+
+    ``smoothing_vocab > 0``: ``logits`` is a block of columns of rows that are that wide (``lse``
+    the full rows'), so the smoothing term is ``eps / smoothing_vocab`` and labels outside the
+    block add no one-hot term.
 
     ``grad_loss [N]`` may be a broadcast view. Returns a new contiguous ``[N, V]`` tensor in
     ``logits.dtype`` (or ``out``, which may be ``logits`` itself: in place): ``g (p_j (1 + 2 z lse) - (1 - eps)[j == y] - eps / V) (1 - (x_j / c)^2)``
@@ -626,7 +635,9 @@ def cross_entropy_backward(
         _cross_entropy_bwd_kernel[(n,)](
             logits, labels, lse, grad_loss, grad_logits,
             logits.stride(0), labels.stride(0), grad_loss.stride(0),
-            v, int(ignore_index), float(label_smoothing), float(z_loss), c, inv_c,
+            v, int(ignore_index), float(label_smoothing),
+            float(label_smoothing) / (smoothing_vocab if smoothing_vocab > 0 else v),
+            float(z_loss), c, inv_c,
             BLOCK_V=block_v, HAS_SOFTCAP=has_softcap, num_warps=num_warps,
         )
     return grad_logits
@@ -751,7 +762,7 @@ def aot_specs(vocab: int = 128256,
                 "logits_ptr": lg, "labels_ptr": "*i64", "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32",
                 "grad_logits_ptr": lg, "stride_logits_row": "i32", "stride_labels": "i32",
                 "stride_gloss": "i32", "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
-                "z_loss": "fp32", "softcap": "fp32", "inv_softcap": "fp32",
+                "eps_per_class": "fp32", "z_loss": "fp32", "softcap": "fp32", "inv_softcap": "fp32",
                 "BLOCK_V": "constexpr", "HAS_SOFTCAP": "constexpr",
             }, ("stride_labels", "stride_gloss"))
             consts.update(BLOCK_V=block_v, HAS_SOFTCAP=has_softcap)

@@ -109,3 +109,54 @@ def test_triton_out_must_match():
     with pytest.raises(ValueError, match="out: expected a contiguous"):
         L.cross_entropy_backward(x, y, lse, torch.ones(4), -100, 0.0, 0.0, 0.0,
                                  out=torch.empty(4, 9, dtype=torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# Column blocks (the vocabulary-blocked backward): the gradient of a block of columns, from the
+# full rows' lse / entropy and labels shifted into the block, equals that block of the full
+# rows' gradient.
+
+
+def _column_blocks(v):
+    return [(0, min(v, 5)), (min(v, 5), v)] if v > 5 else [(0, v)]
+
+
+@pytest.mark.parametrize("backend,device", fused_backends())
+@pytest.mark.parametrize("v", [7, 300])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("mask", ["none", "some"])
+def test_token_logprobs_backward_column_blocks(backend, device, v, k, mask):
+    from posttrain_kernels.ops.linear_vocab_blocks import IGNORED, block_labels
+    n = 6
+    L = launchers(backend)
+    x = _logits(n, v, torch.float32).to(device)
+    y = _labels(n, v, k, mask).to(device)
+    _, ent, lse = L.token_logprobs_forward(x, y, 1.3, -100, True)
+    g = torch.Generator().manual_seed(5)
+    glogp, gent = torch.randn(n, k, generator=g).to(device), torch.randn(n, generator=g).to(device)
+    want = L.token_logprobs_backward(x, y, lse, ent, glogp, gent, 1.3, -100)
+    for c0, c1 in _column_blocks(v):
+        buf = x[:, c0:c1].contiguous()
+        ops.token_logprobs_backward_(buf, block_labels(y, c0, c1, -100), lse, ent, glogp, gent, 1.3,
+                                     IGNORED, backend)
+        torch.testing.assert_close(buf, want[:, c0:c1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", fused_backends())
+@pytest.mark.parametrize("v", [7, 300])
+@pytest.mark.parametrize("opts", [(0.0, 0.0, 0.0), (0.2, 1e-3, 5.0)], ids=["plain", "smooth-z-cap"])
+def test_cross_entropy_backward_column_blocks(backend, device, v, opts):
+    from posttrain_kernels.ops.linear_vocab_blocks import IGNORED, block_labels
+    eps, z, cap = opts
+    n = 6
+    L = launchers(backend)
+    x = _logits(n, v, torch.float32).to(device)
+    y = _labels(n, v, 1, "some")[:, 0].contiguous().to(device)
+    _, lse = L.cross_entropy_forward(x, y, -100, eps, z, cap)
+    gl = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(device)
+    want = L.cross_entropy_backward(x, y, lse, gl, -100, eps, z, cap)
+    for c0, c1 in _column_blocks(v):
+        buf = x[:, c0:c1].contiguous()
+        ops.cross_entropy_backward_(buf, block_labels(y, c0, c1, -100), lse, gl, IGNORED, eps, z, cap,
+                                    backend, v)
+        torch.testing.assert_close(buf, want[:, c0:c1], atol=1e-6, rtol=1e-5)

@@ -260,8 +260,8 @@ def test_per_token_weights_reduction_none(backend, device, dtype):
 @pytest.fixture(params=["cpu-upcast", "native-bf16-gemm"])
 def gemm_mode(request, monkeypatch):
     """Both GEMM modes of bf16 heads: fp32 GEMMs (this CPU) and bf16 GEMMs (GPUs, AMX CPUs)."""
-    from posttrain_kernels.ops import linear_token_logprobs as ops
-    monkeypatch.setattr(ops, "cpu_has_fast_low_precision_gemm", lambda: request.param != "cpu-upcast")
+    from posttrain_kernels.ops import linear_head
+    monkeypatch.setattr(linear_head, "cpu_has_fast_low_precision_gemm", lambda: request.param != "cpu-upcast")
     return request.param
 
 

@@ -63,10 +63,12 @@ void cross_entropy_forward(const void* logits, int dtype, int64_t n_rows, int64_
 
 void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                             int64_t row_stride, const int64_t* labels, int64_t ignore_index,
-                            float label_smoothing, float z_loss, float softcap, const float* lse,
-                            const float* grad_loss, void* grad_logits) {
+                            float label_smoothing, float z_loss, float softcap,
+                            int64_t smoothing_vocab, const float* lse, const float* grad_loss,
+                            void* grad_logits) {
   PTK_ISA_CALL(cross_entropy_backward_isa, logits, dtype, n_rows, vocab, row_stride, labels,
-               ignore_index, label_smoothing, z_loss, softcap, lse, grad_loss, grad_logits);
+               ignore_index, label_smoothing, z_loss, softcap,
+               smoothing_vocab > 0 ? smoothing_vocab : vocab, lse, grad_loss, grad_logits);
 }
 
 void cross_entropy_fused(void* logits, int dtype, int64_t n_rows, int64_t vocab,

@@ -38,12 +38,15 @@ void cross_entropy_forward(const void* logits, int dtype, int64_t n_rows, int64_
                            float label_smoothing, float z_loss, float softcap, float* loss,
                            float* lse);
 
-// grad_logits[r, j] = g_r * ( p_j * (1 + 2 z_loss lse) - (1-eps) [j == y] - eps / vocab )
+// grad_logits[r, j] = g_r * ( p_j * (1 + 2 z_loss lse) - (1-eps) [j == y] - eps / V_s )
 //                     * (softcap > 0 ? 1 - (x_j / softcap)^2 : 1);   0 for ignored rows.
+// V_s = smoothing_vocab, or vocab when smoothing_vocab <= 0: the logits may be a block of columns
+// of wider rows (lse then being the full row's), labels outside [0, vocab) then add no one-hot term.
 void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                             int64_t row_stride, const int64_t* labels, int64_t ignore_index,
-                            float label_smoothing, float z_loss, float softcap, const float* lse,
-                            const float* grad_loss, void* grad_logits);
+                            float label_smoothing, float z_loss, float softcap,
+                            int64_t smoothing_vocab, const float* lse, const float* grad_loss,
+                            void* grad_logits);
 
 // cross_entropy_forward and cross_entropy_backward of each row back to back (grad_loss [n_rows]
 // fp32 the upstream gradient of each row's loss), the gradient written over `logits` (contiguous

@@ -831,8 +831,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) cross_entropy_fo
 
 // cross_entropy backward, one row per block, gradient written once:
 //   th_j = tanh(l_j / cap), x_j = cap th_j  (kSoftcap)  or  x_j = l_j;  p_j = exp(x_j - lse)
-//   grad[row, j] = g (p_j (1 + 2 z lse) - (1 - eps) [j == y] - eps / V) (kSoftcap ? 1 - th_j^2 : 1)
-//   ignored row: grad[row, :] = 0.
+//   grad[row, j] = g (p_j (1 + 2 z lse) - (1 - eps) [j == y] - eps / V_s) (kSoftcap ? 1 - th_j^2 : 1)
+//   ignored row: grad[row, :] = 0. V_s (passed as eps / V_s) is vocab, or the full row width when
+//   the logits are a block of columns of wider rows (labels outside the block: no one-hot term).
 template <typename T, bool kSoftcap>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) cross_entropy_backward_kernel(
     const T* __restrict__ logits,           // [n_rows, vocab], (r, j) at r * row_stride + j
@@ -841,6 +842,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) cross_entropy_ba
     const int64_t* __restrict__ labels,     // [n_rows]
     int64_t ignore_index,                   // label value marking an ignored row
     float eps,                              // label smoothing in [0, 1]
+    float eps_per_class,                    // eps / V_s: the smoothing mass of one class
     float z_loss,                           // z-loss coefficient
     float cap,                              // softcap (kSoftcap only)
     float inv_cap,                          // 1 / softcap (kSoftcap only)
@@ -861,7 +863,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSm) cross_entropy_ba
   op.lse = lse[row];
   op.coef = g * fmaf(2.0f * z_loss, op.lse, 1.0f);
   if (!(op.lse > neg_inf())) op.coef = quiet_nan();  // all -inf row: nan gradient (reference)
-  op.smooth = g * (eps / static_cast<float>(vocab));
+  op.smooth = g * eps_per_class;
   const bool y_in_range = y >= 0 && y < vocab;
   float hot = g * (1.0f - eps);
   if (kSoftcap && y_in_range) {  // softcap factor 1 - tanh^2 at the label
@@ -1028,9 +1030,12 @@ void cross_entropy_forward(const void* logits, int dtype, int64_t n_rows, int64_
 
 void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                             int64_t row_stride, const int64_t* labels, int64_t ignore_index,
-                            float label_smoothing, float z_loss, float softcap, const float* lse,
-                            const float* grad_loss, void* grad_logits, void* stream) {
+                            float label_smoothing, float z_loss, float softcap,
+                            int64_t smoothing_vocab, const float* lse, const float* grad_loss,
+                            void* grad_logits, void* stream) {
   constexpr const char* kName = "cross_entropy_backward";
+  const float eps_per_class =
+      label_smoothing / static_cast<float>(smoothing_vocab > 0 ? smoothing_vocab : vocab);
   check_sizes(kName, n_rows, vocab, 1);
   if (n_rows == 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -1044,12 +1049,12 @@ void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64
     T* gx = static_cast<T*>(grad_logits);
     if (use_cap) {
       cross_entropy_backward_kernel<T, true><<<grid, block, 0, s>>>(
-          x, row_stride, static_cast<int>(vocab), labels, ignore_index, label_smoothing, z_loss,
-          softcap, inv_cap, lse, grad_loss, gx);
+          x, row_stride, static_cast<int>(vocab), labels, ignore_index, label_smoothing,
+          eps_per_class, z_loss, softcap, inv_cap, lse, grad_loss, gx);
     } else {
       cross_entropy_backward_kernel<T, false><<<grid, block, 0, s>>>(
-          x, row_stride, static_cast<int>(vocab), labels, ignore_index, label_smoothing, z_loss,
-          softcap, inv_cap, lse, grad_loss, gx);
+          x, row_stride, static_cast<int>(vocab), labels, ignore_index, label_smoothing,
+          eps_per_class, z_loss, softcap, inv_cap, lse, grad_loss, gx);
     }
   });
   check_launch(kName);

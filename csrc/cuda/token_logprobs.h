@@ -39,12 +39,14 @@ void cross_entropy_forward(const void* logits, int dtype, int64_t n_rows, int64_
                            float label_smoothing, float z_loss, float softcap, float* loss,
                            float* lse, void* stream);
 
-// grad_logits[r, j] = g_r * ( p_j * (1 + 2 z_loss lse) - (1-eps) [j == y] - eps / vocab )
+// grad_logits[r, j] = g_r * ( p_j * (1 + 2 z_loss lse) - (1-eps) [j == y] - eps / V_s ), V_s =
+//                     smoothing_vocab (or vocab if <= 0: see the CPU header)
 //                     * (softcap > 0 ? 1 - (x_j / softcap)^2 : 1);   0 for ignored rows.
 void cross_entropy_backward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                             int64_t row_stride, const int64_t* labels, int64_t ignore_index,
-                            float label_smoothing, float z_loss, float softcap, const float* lse,
-                            const float* grad_loss, void* grad_logits, void* stream);
+                            float label_smoothing, float z_loss, float softcap,
+                            int64_t smoothing_vocab, const float* lse, const float* grad_loss,
+                            void* grad_logits, void* stream);
 
 }  // namespace cuda
 }  // namespace ptk

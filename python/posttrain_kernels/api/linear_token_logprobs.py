@@ -11,7 +11,8 @@ from torch import Tensor
 from .. import _validation as V
 from ..dispatch import resolve_backend
 from ..ops.linear_token_logprobs import (LinearCrossEntropyRows, LinearCrossEntropyScalar,
-                                         LinearTokenLogprobs, logits_element_size)
+                                         LinearTokenLogprobs, forward_chunk_rows, use_vocab_blocks,
+                                         vocab_tile)
 from ..reference import linear_cross_entropy_reference, linear_token_logprobs_reference
 from .token_logprobs import REDUCTIONS
 
@@ -19,15 +20,18 @@ CHUNK_BYTES_ENV = "POSTTRAIN_KERNELS_CHUNK_BYTES"
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-def default_chunk_rows(vocab: int, element_size: int) -> int:
-    """Rows per chunk so that a chunk's logits buffer (which then holds their gradient, in place)
-    fits the memory budget ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (default 64 MiB)."""
-    budget = int(os.environ.get(CHUNK_BYTES_ENV, DEFAULT_CHUNK_BYTES))
-    return max(1, budget // max(1, vocab * element_size))
+def chunk_budget() -> int:
+    """The memory budget in bytes of one chunk (``POSTTRAIN_KERNELS_CHUNK_BYTES``, default 64 MiB):
+    a chunk's logits buffer, which then holds their gradient in place, together with its fp32
+    copies of weight and hidden rows where the GEMMs are upcast."""
+    return int(os.environ.get(CHUNK_BYTES_ENV, DEFAULT_CHUNK_BYTES))
 
 
-def _chunk_rows(chunk_size, vocab, weight, fp32_logits):
-    return chunk_size or default_chunk_rows(vocab, logits_element_size(weight, fp32_logits))
+def _schedule(chunk_size, n_rows, weight, fp32_logits):
+    """(rows per token chunk, (rows, cols) of a tile of the vocabulary-blocked backward)."""
+    budget = chunk_budget()
+    chunk = chunk_size or forward_chunk_rows(budget, weight, fp32_logits)
+    return chunk, vocab_tile(budget, n_rows, weight, fp32_logits, chunk_size)
 
 
 def _prepare(hidden, weight, bias, labels, chunk_size, single_only=False):
@@ -104,7 +108,9 @@ def linear_token_logprobs(
         logit_scale: multiplies the logits first (e.g. Cohere's / Granite's logit scaling).
         chunk_size: rows per chunk; default from a memory budget of
             ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB) for a chunk's logits buffer, which then
-            holds their gradient (in place).
+            holds their gradient (in place). A bf16/fp16 head whose gradient is wanted runs its
+            backward in tiles of ``chunk_size`` rows by a block of the vocabulary sized from the
+            same budget (no ``(V, H)`` fp32 accumulator).
         fp32_logits: compute the head matmul in fp32 even for bf16/fp16 inputs (log-probs that match
             an inference engine computing fp32 logits).
         backend: backend of the per-chunk kernels (``"auto"``, ``"cpu"``, ``"triton"``, ...).
@@ -113,8 +119,9 @@ def linear_token_logprobs(
         ``(logp, entropy)`` fp32, as ``token_logprobs(softcap(logit_scale * (hidden @ weight.T +
         bias)), labels, temperature=...)``; differentiable in ``hidden``, ``weight`` and ``bias``
         with any upstream gradient. The forward keeps O(tokens) state; the backward recomputes each
-        chunk's logits; the weight gradient is accumulated across chunks in fp32. Extra memory is
-        O(chunk x V).
+        chunk's logits; the weight gradient is accumulated in fp32 (across token chunks for an
+        fp32 head, within a GEMM over all tokens for each vocabulary block of a bf16/fp16 head).
+        Extra memory is O(chunk x V) (+ O(tokens x H) fp32 for a bf16/fp16 hidden gradient).
     """
     vocab, h, k = _prepare(hidden, weight, bias, labels, chunk_size)
     temperature = V.check_positive("temperature", temperature)
@@ -127,11 +134,12 @@ def linear_token_logprobs(
                                                ignore_index, return_entropy, softcap, scale)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     lead = hidden.shape[:-1]
-    chunk = _chunk_rows(chunk_size, vocab, weight, fp32_logits)
+    hidden2d = hidden.reshape(-1, h)
+    chunk, tile = _schedule(chunk_size, hidden2d.shape[0], weight, fp32_logits)
     with torch.autocast(hidden.device.type, enabled=False):
         logp, entropy, _ = LinearTokenLogprobs.apply(
-            hidden.reshape(-1, h), weight, bias, labels.reshape(-1, k).to(torch.int64).contiguous(),
-            1.0 / temperature, int(ignore_index), bool(return_entropy), cap, scale, chunk,
+            hidden2d, weight, bias, labels.reshape(-1, k).to(torch.int64).contiguous(),
+            1.0 / temperature, int(ignore_index), bool(return_entropy), cap, scale, chunk, *tile,
             bool(fp32_logits), name)
     return logp.reshape(labels.shape), (entropy.reshape(lead) if return_entropy else None)
 
@@ -158,7 +166,9 @@ def linear_cross_entropy(
     :func:`cross_entropy` (``label_smoothing``, ``z_loss``, ``softcap``, ``reduction``). Equal to
     ``cross_entropy(logit_scale * (hidden @ weight.T + bias), labels, ...)``. For ``"mean"`` and
     ``"sum"`` the gradients are computed during the forward (three matmuls instead of four) and the
-    backward scales them by the upstream gradient; ``"none"`` keeps the lse and recomputes.
+    backward scales them by the upstream gradient; ``"none"`` keeps the lse and recomputes, as do
+    the scalar reductions of a bf16/fp16 head whose gradient is wanted (their vocabulary-blocked
+    backward needs no ``(V, H)`` fp32 accumulator: see :func:`linear_token_logprobs`).
     Returns fp32.
     """
     vocab, h, _ = _prepare(hidden, weight, bias, labels, chunk_size, single_only=True)
@@ -173,15 +183,22 @@ def linear_cross_entropy(
         return linear_cross_entropy_reference(hidden, weight, labels, bias, ignore_index, eps, z,
                                               softcap, scale, reduction)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    chunk = _chunk_rows(chunk_size, vocab, weight, fp32_logits)
+    hidden2d = hidden.reshape(-1, h)
+    chunk, tile = _schedule(chunk_size, hidden2d.shape[0], weight, fp32_logits)
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()
     with torch.autocast(hidden.device.type, enabled=False):
-        if reduction == "none":
-            loss = LinearCrossEntropyRows.apply(hidden.reshape(-1, h), weight, bias, labels1d,
-                                                int(ignore_index), eps, z, cap, scale, chunk,
+        blocked = use_vocab_blocks(weight, torch.is_grad_enabled() and weight.requires_grad)
+        if reduction == "none" or blocked:
+            loss = LinearCrossEntropyRows.apply(hidden2d, weight, bias, labels1d, int(ignore_index),
+                                                eps, z, cap, scale, chunk, *tile,
                                                 bool(fp32_logits), name)
-            return loss.reshape(labels.shape)
-        return LinearCrossEntropyScalar.apply(hidden.reshape(-1, h), weight, bias, labels1d,
+            if reduction == "none":
+                return loss.reshape(labels.shape)
+            if reduction == "sum":
+                return loss.sum()
+            # mean over non-ignored rows (0 when all are ignored), no host sync
+            return loss.sum() / (labels1d != ignore_index).sum().clamp_min(1).to(loss.dtype)
+        return LinearCrossEntropyScalar.apply(hidden2d, weight, bias, labels1d,
                                               int(ignore_index), eps, z, cap, scale, chunk,
                                               bool(fp32_logits), reduction == "mean",
                                               torch.is_grad_enabled(), name)

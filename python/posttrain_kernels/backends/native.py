@@ -88,15 +88,17 @@ class NativeBackend:
 
     def cross_entropy_backward(self, logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                                ignore_index: int, label_smoothing: float, z_loss: float,
-                               softcap: float, out: Optional[Tensor] = None) -> Tensor:
+                               softcap: float, out: Optional[Tensor] = None,
+                               smoothing_vocab: int = 0) -> Tensor:
         n, v = logits.shape
         grad_loss = grad_loss.to(torch.float32).contiguous()  # the kernel reads it densely
         grad_logits = self._grad_buffer(logits, out)
         with self._on_device(logits):
             self._fn("cross_entropy_backward")(
                 _ptr(logits), DTYPE_CODES[logits.dtype], n, v, logits.stride(0), _ptr(labels),
-                int(ignore_index), float(label_smoothing), float(z_loss), float(softcap), _ptr(lse),
-                _ptr(grad_loss), _ptr(grad_logits), **self._stream(logits))
+                int(ignore_index), float(label_smoothing), float(z_loss), float(softcap),
+                int(smoothing_vocab), _ptr(lse), _ptr(grad_loss), _ptr(grad_logits),
+                **self._stream(logits))
         return self._finish(grad_logits, out)
 
     def cross_entropy_fused(self, logits: Tensor, labels: Tensor, grad_loss: Tensor,

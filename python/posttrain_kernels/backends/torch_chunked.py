@@ -66,12 +66,15 @@ def token_logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy
         x = logits[sl].float() * inv_temperature
         l = lse[sl][:, None]
         p = torch.exp(x - l)
-        safe, ignored = _safe(labels[sl], ignore_index)
+        lab = labels[sl]
+        ignored = lab == ignore_index
+        # labels outside [0, V) (a column block of wider rows): in G, but no one-hot term here
+        in_block = (lab >= 0) & (lab < v)
         dx = torch.zeros_like(x)
         if grad_logp is not None:
             g = grad_logp[sl].masked_fill(ignored, 0.0)
             dx -= g.sum(-1, keepdim=True) * p
-            dx.scatter_add_(-1, safe, g)
+            dx.scatter_add_(-1, lab.masked_fill(~in_block, 0), g.masked_fill(~in_block, 0.0))
         if grad_entropy is not None:
             c = (entropy[sl] - lse[sl])[:, None]
             dx -= grad_entropy[sl][:, None] * _xlogits_entropy_term(p, x, c)
@@ -105,17 +108,24 @@ def cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int, lab
 
 def cross_entropy_backward(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                            ignore_index: int, label_smoothing: float, z_loss: float,
-                           softcap: float, out: Optional[Tensor] = None) -> Tensor:
+                           softcap: float, out: Optional[Tensor] = None,
+                           smoothing_vocab: int = 0) -> Tensor:
+    """``smoothing_vocab > 0``: the logits are a block of columns of rows that wide (see the
+    kernels); labels outside ``[0, V)`` then add no one-hot term."""
     n, v = logits.shape
     grad_logits = torch.empty((n, v), device=logits.device, dtype=logits.dtype) if out is None else out
     eps = label_smoothing
+    v_s = smoothing_vocab if smoothing_vocab > 0 else v
     for sl in _chunks(n, v):
         x = _capped(logits[sl], softcap)
         l = lse[sl][:, None]
-        safe, ignored = _safe(labels[sl], ignore_index)
+        lab = labels[sl]
+        ignored = lab == ignore_index
+        in_block = (lab >= 0) & (lab < v)
         g = grad_loss[sl].masked_fill(ignored, 0.0)[:, None]
-        dx = g * (torch.exp(x - l) * (1.0 + 2.0 * z_loss * l) - eps / v)
-        dx.scatter_add_(-1, safe[:, None], -(1.0 - eps) * g)
+        dx = g * (torch.exp(x - l) * (1.0 + 2.0 * z_loss * l) - eps / v_s)
+        hot = (-(1.0 - eps) * g).masked_fill_(~in_block[:, None], 0.0)
+        dx.scatter_add_(-1, lab.masked_fill(~in_block, 0)[:, None], hot)
         if softcap > 0:
             dx *= 1.0 - (x / softcap) ** 2
         # Ignored rows carry lse = 0, so exp(x - lse) may overflow there: clear them last.

@@ -151,14 +151,19 @@ def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ig
 @torch.library.custom_op("posttrain_kernels::cross_entropy_backward_", mutates_args=("logits",))
 def cross_entropy_backward_(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                             ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
-                            backend: str) -> None:
-    """``cross_entropy_backward`` written over ``logits`` (contiguous)."""
+                            backend: str, smoothing_vocab: int = 0) -> None:
+    """``cross_entropy_backward`` written over ``logits`` (contiguous). ``smoothing_vocab > 0``:
+    ``logits`` is a block of columns of rows that wide, ``lse`` the full rows'; the smoothing term
+    is ``eps / smoothing_vocab``, and labels outside the block's ``[0, V)`` (other than
+    ``ignore_index``) add no one-hot term."""
     launchers(backend).cross_entropy_backward(logits, labels, lse, grad_loss, ignore_index,
-                                              label_smoothing, z_loss, softcap, out=logits)
+                                              label_smoothing, z_loss, softcap, out=logits,
+                                              smoothing_vocab=smoothing_vocab)
 
 
 @cross_entropy_backward_.register_fake
-def _(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
+def _(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend,
+      smoothing_vocab=0):
     return None
 
 
