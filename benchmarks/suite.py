@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from posttrain_kernels.ops.linear_token_logprobs import logits_element_size
+from posttrain_kernels.ops.linear_head import logits_element_size, use_vocab_blocks
 from posttrain_kernels import cross_entropy, linear_cross_entropy, linear_token_logprobs, token_logprobs
 from posttrain_kernels.dispatch import live_backends
 from posttrain_kernels.reference import (cross_entropy_reference, linear_cross_entropy_reference,
@@ -141,15 +141,19 @@ def linear_implementations(op: str, device: torch.device, compile_reference: boo
                 lp, ent = linear_token_logprobs(h, w, y, return_entropy=True, backend=b)
                 return lp.sum() + ent.sum()
             impls[f"ptk {n}"] = fused
-    impls["GEMMs alone (floor)"] = _gemm_floor(3 if op == "linear_cross_entropy" else 4)
+    impls["GEMMs alone (floor)"] = _gemm_floor(op)
     return impls
 
 
-def _gemm_floor(n_gemms: int) -> Callable:
+def _gemm_floor(op: str) -> Callable:
     """The head GEMMs the fused path runs (logits once or twice, then d hidden and d weight), whole
     and in the dtype the fused path multiplies in (fp32 for bf16 on CPUs without bf16 GEMMs), with
-    nothing else: the time no chunked implementation can beat. Its memory column is not meaningful."""
+    nothing else: the time no chunked implementation can beat. Three GEMMs for the cross-entropy of
+    an fp32 head (gradients computed in the forward), four otherwise (the backward recomputes the
+    logits: log-probs, and bf16/fp16 heads, whose backward walks vocabulary blocks). Its memory
+    column is not meaningful."""
     def floor(h, w, y):
+        n_gemms = 3 if (op == "linear_cross_entropy" and not use_vocab_blocks(w, True)) else 4
         with torch.no_grad():
             if logits_element_size(w, False) == 4:
                 h, w = h.float(), w.float()
