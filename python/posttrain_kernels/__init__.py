@@ -11,9 +11,29 @@ Fused linear (hidden states + head weight, no logits in memory)::
     linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ...)
     linear_cross_entropy(hidden, weight, labels, *, bias=None, reduction="mean", ...)
 
-Every function takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch" | "reference"``.
+Every function of these two families takes
+``backend="auto" | "triton" | "cuda" | "cpu" | "torch" | "reference"``.
+
+Preference optimization (per-sequence log-probs; ``(loss, metrics)``)::
+
+    preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                    loss_type="sigmoid", beta=0.1, ...)      # the DPO family of TRL's DPOTrainer
+    kto_loss(...), simpo_loss(...), cpo_loss(...), orpo_loss(...)
+    linear_preference_loss(hidden, weight, labels, *, ref_hidden=None, ref_weight=None,
+                           ref_logps=None, loss_type="sigmoid", ...)  # fused, no logits
+
+Policy gradient (per-token log-probs; ``(loss, metrics)``)::
+
+    policy_loss(logps, old_logps, advantages, mask, *, loss_type="dapo", ...)  # TRL's GRPOTrainer
+    value_loss(values, old_values, returns, mask, *, cliprange_value=0.2)
+
+``nn.Module`` forms of every loss are in ``posttrain_kernels.modules``.
 """
+from .api.linear_preference import linear_preference_loss
 from .api.linear_token_logprobs import linear_cross_entropy, linear_token_logprobs
+from .api.policy import policy_loss, value_loss
+from .api.preference import kto_loss, preference_loss
+from .api.preference_free import cpo_loss, orpo_loss, simpo_loss
 from .api.token_logprobs import CrossEntropyLoss, TokenLogprobs, cross_entropy, token_logprobs
 from .dispatch import BACKENDS, live_backends
 
@@ -24,6 +44,14 @@ __all__ = [
     "cross_entropy",
     "linear_token_logprobs",
     "linear_cross_entropy",
+    "preference_loss",
+    "linear_preference_loss",
+    "kto_loss",
+    "simpo_loss",
+    "cpo_loss",
+    "orpo_loss",
+    "policy_loss",
+    "value_loss",
     "TokenLogprobs",
     "CrossEntropyLoss",
     "BACKENDS",

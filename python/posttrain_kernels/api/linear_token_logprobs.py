@@ -34,12 +34,12 @@ def _schedule(chunk_size, n_rows, weight, fp32_logits):
     return chunk, vocab_tile(budget, n_rows, weight, fp32_logits, chunk_size)
 
 
-def _prepare(hidden, weight, bias, labels, chunk_size, single_only=False):
+def _prepare(hidden, weight, bias, labels, chunk_size, single_only=False, allow_fp64=False):
     V.check_tensor("hidden", hidden, ndim_min=1)
     V.check_tensor("weight", weight, ndim_min=2)
     V.check_tensor("labels", labels)
-    V.check_float("hidden", hidden)
-    V.check_float("weight", weight)
+    V.check_float("hidden", hidden, allow_fp64)
+    V.check_float("weight", weight, allow_fp64)
     V.check_integer("labels", labels)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape (V, H), got {tuple(weight.shape)}")
@@ -49,7 +49,7 @@ def _prepare(hidden, weight, bias, labels, chunk_size, single_only=False):
                          f"got shape {tuple(hidden.shape)}")
     if bias is not None:
         V.check_tensor("bias", bias)
-        V.check_float("bias", bias)
+        V.check_float("bias", bias, allow_fp64)
         if tuple(bias.shape) != (vocab,):
             raise ValueError(f"bias: expected shape ({vocab},), got {tuple(bias.shape)}")
     V.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)

@@ -65,6 +65,9 @@ class NativeBackend:
                                 grad_entropy: Optional[Tensor], inv_temperature: float,
                                 ignore_index: int, out: Optional[Tensor] = None) -> Tensor:
         n, v = logits.shape
+        # the kernels read the upstream gradients densely: (N, K) and (N,) contiguous
+        grad_logp = None if grad_logp is None else grad_logp.to(torch.float32).contiguous()
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous()
         grad_logits = self._grad_buffer(logits, out)
         with self._on_device(logits):
             self._fn("token_logprobs_backward")(

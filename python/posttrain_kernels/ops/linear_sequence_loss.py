@@ -1,0 +1,111 @@
+"""Autograd of sequence-level losses on the fused-linear log-probs, gradients computed in the forward.
+
+A preference loss (DPO, SimPO, ORPO, KTO, ...) is a function of per-sequence log-probs, the sums
+of the completion's token log-probs. Most of them are a mean over pairs (or examples) of terms that
+each depend on one pair only; then the loss splits into groups of sequences, and a group's
+gradient w.r.t. its sequence log-probs is known as soon as the group's log-probs are. So each
+group of sequences is processed whole:
+
+    for each group (a few pairs: a few rows of chosen and the matching rows of rejected):
+        z = logits of the group's tokens            (the chunk buffer; kept while the group fits)
+        token log-probs and lse from z              (the token log-prob kernel)
+        seq_logps = sums over the completions; loss_g, metrics_g = seq_loss(seq_logps, group)
+        g_seq = d loss_g / d seq_logps              (autograd on a few scalars)
+        z <- d loss_g / d z, in place               (the backward kernel, upstream g_seq per token)
+        grad hidden rows, grad weight += ...        (the two gradient GEMMs)
+
+three GEMMs in all, like the scalar cross-entropy; a group too long for the chunk budget
+recomputes its logits (four). The backward only scales the precomputed gradients.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import token_logprobs as chunk_ops
+from .linear_head import _F32, _Grads, _Head
+
+# A group of sequences: the token-row ranges (slices of the flattened (S * T) tokens) that hold
+# them, each range a whole number of sequences, in the order seq_loss expects their log-probs.
+Group = Sequence[slice]
+# seq_loss(seq_logps (n,), group index) -> (loss contribution, metric contributions): the group's
+# share of the total loss (the groups' contributions add up to it) and of each metric.
+SeqLoss = Callable[[Tensor, int], Tuple[Tensor, Dict[str, Tensor]]]
+
+
+def _sub_chunks(rng: slice, rows: int) -> List[slice]:
+    return [slice(s, min(s + rows, rng.stop)) for s in range(rng.start, rng.stop, rows)]
+
+
+class LinearSequenceLoss(torch.autograd.Function):
+    """Inputs: ``hidden (S * T, H)``, ``weight (V, H)``, ``bias (V,)`` or None, ``labels (S * T, 1)``
+    int64 (``ignore_index`` outside the completions), ``groups`` (see ``Group``), ``seq_len`` T,
+    ``seq_loss`` (see ``SeqLoss``). Returns the loss (fp32 scalar) and the metrics, in the order of
+    ``metric_names``, summed over the groups (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, groups, seq_len, seq_loss, metric_names, inv_t,
+                ignore_index, chunk, fp32_logits, grad_enabled, backend):
+        needs = tuple(bool(grad_enabled and x) for x in ctx.needs_input_grad[:3])
+        grads = _Grads(hidden, weight, bias, needs) if any(needs) else None
+        if grads is not None and grads.hidden is not None:
+            grads.hidden.zero_()  # tokens of no group (none, when the groups cover the batch) get 0
+        head = _Head(weight, bias, fp32_logits, 1.0)
+        total = torch.zeros((), device=hidden.device, dtype=_F32)
+        metrics = torch.zeros((len(metric_names),), device=hidden.device, dtype=_F32)
+        empty = torch.empty((0,), device=hidden.device, dtype=_F32)
+        for gi, group in enumerate(groups):
+            pieces = [sc for rng in group for sc in _sub_chunks(rng, chunk)]
+            # keep the group's logits between its forward and backward when they fit the budget
+            keep = grads is not None and sum(p.stop - p.start for p in pieces) <= chunk
+            kept, lses, seq_parts = [], [], []
+            for sc in pieces:
+                z = head.logits(hidden[sc])
+                lp, _, lse = chunk_ops.token_logprobs_forward(z, labels[sc], inv_t, ignore_index,
+                                                              False, backend)
+                lses.append(lse)
+                seq_parts.append(lp)
+                if keep:
+                    kept.append(z)
+                del z
+            seq = torch.cat(seq_parts).view(-1, seq_len).sum(-1)  # ignored tokens have logp 0
+            with torch.enable_grad():
+                leaf = seq.detach().requires_grad_(grads is not None)
+                loss_g, met_g = seq_loss(leaf, gi)
+                g_seq = torch.autograd.grad(loss_g, leaf)[0] if grads is not None else None
+            total += loss_g.detach()
+            metrics += torch.stack([met_g[k].detach().float() for k in metric_names])
+            if grads is None:
+                continue
+            # d loss / d token logp = g_seq of the token's sequence (labels mark the completion)
+            g_tok = g_seq.to(_F32).repeat_interleave(seq_len)[:, None]  # contiguous
+            offset = 0
+            for i, sc in enumerate(pieces):
+                n = sc.stop - sc.start
+                z = kept[i] if keep else head.logits(hidden[sc])
+                chunk_ops.token_logprobs_backward_(z, labels[sc], lses[i], empty,
+                                                   g_tok[offset:offset + n], None, inv_t,
+                                                   ignore_index, backend)
+                grads.add_chunk(sc, z, hidden[sc], head)
+                offset += n
+                if keep:
+                    kept[i] = None
+                del z
+        if grads is not None:
+            gh, gw, gb = grads.result(weight, bias)
+            ctx.save_for_backward(gh, gw, gb)
+        else:
+            ctx.save_for_backward(None, None, None)
+        ctx.mark_non_differentiable(metrics)
+        return total, metrics
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_metrics):
+        gh, gw, gb = ctx.saved_tensors
+        # scaled in place, as LinearCrossEntropyScalar (a second backward raises)
+        for g in (gh, gw, gb):
+            if g is not None:
+                g.mul_(grad_out)
+        return (gh, gw, gb) + (None,) * 11
