@@ -26,9 +26,12 @@ Policy gradient (per-token log-probs; ``(loss, metrics)``)::
 
     policy_loss(logps, old_logps, advantages, mask, *, loss_type="dapo", ...)  # TRL's GRPOTrainer
     value_loss(values, old_values, returns, mask, *, cliprange_value=0.2)
+    linear_policy_loss(hidden, weight, labels, old_logps, advantages, mask, *,
+                       ref_hidden=None, ref_weight=None, ref_logps=None, ...)  # fused, no logits
 
 ``nn.Module`` forms of every loss are in ``posttrain_kernels.modules``.
 """
+from .api.linear_policy import linear_policy_loss
 from .api.linear_preference import linear_preference_loss
 from .api.linear_token_logprobs import linear_cross_entropy, linear_token_logprobs
 from .api.policy import policy_loss, value_loss
@@ -51,6 +54,7 @@ __all__ = [
     "cpo_loss",
     "orpo_loss",
     "policy_loss",
+    "linear_policy_loss",
     "value_loss",
     "TokenLogprobs",
     "CrossEntropyLoss",
