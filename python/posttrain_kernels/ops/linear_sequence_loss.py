@@ -56,6 +56,7 @@ class LinearSequenceLoss(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device, dtype=_F32)
         metrics = torch.zeros((len(metric_names),), device=hidden.device, dtype=_F32)
         empty = torch.empty((0,), device=hidden.device, dtype=_F32)
+        minus_one = torch.full((chunk,), -1.0, device=hidden.device, dtype=_F32)
         for gi, group in enumerate(groups):
             pieces = [sc for rng in group for sc in _sub_chunks(rng, chunk)]
             # keep the group's logits between its forward and backward when they fit the budget
@@ -63,8 +64,16 @@ class LinearSequenceLoss(torch.autograd.Function):
             kept, lses, seq_parts = [], [], []
             for sc in pieces:
                 z = head.logits(hidden[sc])
-                lp, _, lse = chunk_ops.token_logprobs_forward(z, labels[sc], inv_t, ignore_index,
-                                                              False, backend)
+                if keep and inv_t == 1.0:
+                    # log-prob and unit gradient d logp / d z = onehot - p in one pass over the row
+                    # (the cross-entropy kernel with upstream -1: loss = -logp); the group's
+                    # gradient then scales each row, in the GEMMs' small operands
+                    nll, lse = chunk_ops.cross_entropy_fused_(z, labels[sc][:, 0], minus_one[:z.shape[0]],
+                                                              ignore_index, 0.0, 0.0, 0.0, backend)
+                    lp = nll.neg()[:, None]
+                else:
+                    lp, _, lse = chunk_ops.token_logprobs_forward(z, labels[sc], inv_t, ignore_index,
+                                                                  False, backend)
                 lses.append(lse)
                 seq_parts.append(lp)
                 if keep:
@@ -84,6 +93,11 @@ class LinearSequenceLoss(torch.autograd.Function):
             offset = 0
             for i, sc in enumerate(pieces):
                 n = sc.stop - sc.start
+                if keep and inv_t == 1.0:
+                    grads.add_chunk_scaled(sc, kept[i], hidden[sc], head, g_tok[offset:offset + n, 0])
+                    kept[i] = None
+                    offset += n
+                    continue
                 z = kept[i] if keep else head.logits(hidden[sc])
                 chunk_ops.token_logprobs_backward_(z, labels[sc], lses[i], empty,
                                                    g_tok[offset:offset + n], None, inv_t,
