@@ -1,7 +1,8 @@
-"""Ahead-of-time compilation of the Triton token log-prob kernels for sm_80 and sm_90 (no GPU needed).
+"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
-Every (kernel, constexpr flags, logits dtype) of ``aot_specs()`` -- with the BLOCK_V / num_warps the
-launchers pick at vocab 128256 -- goes through ``triton.compile(ASTSource(...), GPUTarget(...))``
+Every (kernel, constexpr flags, logits dtype) of the token log-prob ``aot_specs()`` -- with the
+BLOCK_V / num_warps the launchers pick at vocab 128256 -- and of the policy-loss ``aot_specs()``
+(BLOCK_T at 8192 tokens) goes through ``triton.compile(ASTSource(...), GPUTarget(...))``
 down to PTX, which catches what the interpreter forgives (types, layouts, unsupported ops); the
 bundled ``ptxas -v`` then reports registers and spills, and any spill fails the test.
 
@@ -37,9 +38,9 @@ VOCAB = 128256
 _COMPILE_SCRIPT = r"""
 import json, os, sys
 try:
-    from posttrain_kernels.kernels import token_logprobs as tk
+    from posttrain_kernels.kernels import policy as pk, token_logprobs as tk
 except ImportError:
-    from kernels import token_logprobs as tk
+    from kernels import policy as pk, token_logprobs as tk
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -47,7 +48,7 @@ from triton.compiler import ASTSource
 out_dir, vocab, caps = sys.argv[1], int(sys.argv[2]), [int(c) for c in sys.argv[3:]]
 # the integers the JIT would see as multiples of 16 at this vocab (contiguous logits / grads)
 div16_ints = {"stride_logits_row", "V"} if vocab % 16 == 0 else set()
-for i, (kernel, signature, constexprs, num_warps) in enumerate(tk.aot_specs(vocab)):
+for i, (kernel, signature, constexprs, num_warps) in enumerate(tk.aot_specs(vocab) + pk.aot_specs()):
     names = list(signature)
     # pointers 16-byte aligned, as the JIT specializes them for torch allocations
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, ty in signature.items()
@@ -56,14 +57,18 @@ for i, (kernel, signature, constexprs, num_warps) in enumerate(tk.aot_specs(voca
     for cap in caps:
         src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
-        tag = "_".join([kernel.__name__.strip("_"), signature["logits_ptr"][1:]]
-                       + (["k1"] if constexprs.get("K") == 1 else [])
+        dtype = signature.get("logits_ptr", signature.get("logps_ptr"))[1:]
+        block = constexprs.get("BLOCK_V", constexprs.get("BLOCK_T"))
+        # integer constexpr flags (K == 1, LOSS, KL_EST) by value, boolean ones by name when set
+        ints = [k.lower() + str(v) for k, v in constexprs.items()
+                if k.isupper() and type(v) is int and not k.startswith("BLOCK")]
+        tag = "_".join([kernel.__name__.strip("_"), dtype] + ints
                        + [k.lower() for k, v in flags.items() if v] + ["sm%d" % cap])
         path = os.path.join(out_dir, tag + ".ptx")
         with open(path, "w") as f:
             f.write(compiled.asm["ptx"])
-        print(json.dumps({"tag": tag, "kernel": kernel.__name__, "dtype": signature["logits_ptr"][1:],
-                          "flags": flags, "block_v": constexprs["BLOCK_V"], "num_warps": num_warps,
+        print(json.dumps({"tag": tag, "kernel": kernel.__name__, "dtype": dtype,
+                          "flags": flags, "block_v": block, "num_warps": num_warps,
                           "cap": cap, "ptx": path, "shared": compiled.metadata.shared}), flush=True)
 """
 
@@ -118,7 +123,8 @@ def test_aot_compile_no_spills(compiled, cap):
     records = [r for r in compiled if r["cap"] == cap]
     # 2 dtypes x (2 K specializations x (2 fwd entropy flags + 3 bwd grad-flag combinations)
     #             + 3 cross-entropy kernels (fwd, bwd, fused) x 2 softcap flags)
-    assert len(records) == 32, [r["tag"] for r in records]
+    # + policy loss: 2 dtypes x 9 flag combinations x (fwd, bwd)
+    assert len(records) == 32 + 36, [r["tag"] for r in records]
     assert len({r["tag"] for r in records}) == len(records)
     lines, spilled = [], []
     for r in records:

@@ -3,13 +3,22 @@
 The losses are cheap per-token math on top of the token log-prob primitive (:func:`token_logprobs`,
 :func:`linear_token_logprobs`): a few row reductions (sequence-level importance weights, the
 off-policy sequence mask, the VESPO weights, the entropy quantile), one elementwise pass that makes
-the per-token loss, and one aggregation. The code below keeps that structure (``_row_stats`` ->
-``_per_token_loss`` -> ``_aggregate``) so that a fused kernel can replace it piece by piece; until
-then every backend runs this vectorized PyTorch implementation.
+the per-token loss, and one aggregation. The code below keeps that structure (row statistics ->
+per-token loss -> ``_aggregate``) in vectorized PyTorch (``_policy_loss_torch``).
+
+Fused path: when the backend resolves to ``"triton"`` (CUDA tensors with ``backend="auto"``, or
+``backend="triton"``, on CPU tensors only under ``TRITON_INTERPRET=1``) and the call is in the
+token-level subset (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` at token-level
+importance sampling; no ``top_entropy_quantile < 1``, no ``off_policy_mask_threshold``, no
+``importance_sampling_ratio``; float32/bfloat16/float16 ``logps``), the per-token math and the
+per-row sums run in one Triton kernel forward and one backward (``posttrain_kernels.ops.policy``)
+and only the O(B) aggregation and metrics run in PyTorch (``_policy_loss_fused``): same loss, same
+metrics, same gradients. Every other call runs ``_policy_loss_torch``.
 """
 from __future__ import annotations
 
 import math
+import os
 from numbers import Number
 from typing import Dict, Optional, Tuple, Union
 
@@ -17,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import _validation as V
-from ..dispatch import validate_backend
+from ..dispatch import ENV_VAR, resolve_backend, validate_backend
+from ..ops import policy as policy_ops
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "gspo", "luspo", "vespo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
@@ -195,7 +205,7 @@ def _policy_options(
         sapo_pos=sapo_pos, sapo_neg=sapo_neg, k_pos=k_pos, lam_pos=lam_pos, k_neg=k_neg, lam_neg=lam_neg,
         beta=beta, kl_estimator=kl_estimator, bias_kl=use_bias_correction_kl, entropy_coef=entropy_coef,
         top_q=q, opsm=off_policy_mask_threshold, max_len=max_completion_length, ga=ga,
-        global_count=global_count,
+        global_count=global_count, backend=backend,
     )
 
 
@@ -489,6 +499,123 @@ def _policy_metrics(policy, kl, ent, log_ratio, coef_1, low, high, dual, m, vali
 
 
 # --------------------------------------------------------------------------------------------
+# the fused path: per-token math and row sums in one kernel (ops/policy.py), O(B) torch after
+
+
+def _fused_backend(o: dict, logps: Tensor, mask: Tensor, importance_sampling_ratio) -> Optional[str]:
+    """The concrete backend of the fused per-token op for this call, or None for the torch path.
+
+    Fused: the backend resolves to ``"triton"`` (``"auto"`` with CUDA tensors, or ``"triton"``
+    asked for, which on CPU tensors needs ``TRITON_INTERPRET=1`` as everywhere in the library) and
+    the call is in the token-level, elementwise subset: loss types ``ops.policy.FUSED_LOSS_TYPES`` at
+    token-level importance sampling, no entropy quantile, no off-policy mask, no
+    ``importance_sampling_ratio``, fp32/bf16/fp16 ``logps`` with at least one element, and a mask
+    that is not itself differentiated (the torch path propagates into float mask weights).
+    The other backends, and ``"auto"`` on CPU tensors, return None before any resolution (nothing
+    for ``torch.compile`` to trace). Metadata only: no host sync.
+    """
+    backend = o.get("backend", "auto")
+    if backend in ("torch", "cpu", "cuda", "reference"):
+        return None
+    if backend == "auto" and logps.device.type != "cuda" and os.environ.get(ENV_VAR, "auto") == "auto":
+        return None
+    if resolve_backend(backend, logps.device) != "triton":
+        return None
+    if (o["loss_type"] not in policy_ops.FUSED_LOSS_TYPES or o["level"] != "token" or o["top_q"] < 1.0
+            or o["opsm"] is not None or importance_sampling_ratio is not None
+            or logps.dtype == torch.float64 or logps.numel() == 0
+            or (mask.requires_grad and torch.is_grad_enabled())):
+        return None
+    return "triton"
+
+
+def _aggregate_rows(row_loss: Tensor, row_m: Tensor, agg: str, norm_count, max_len: Optional[int], ga: int,
+                    b: int, t: int) -> Tensor:
+    """:func:`_aggregate` from the per-row sums ``row_loss = sum_t l m`` and ``row_m = sum_t m``."""
+    if agg == "token-mean":
+        if norm_count is not None:  # global count: already spans the accumulation window
+            if isinstance(norm_count, Tensor):
+                return row_loss.sum() / norm_count.to(row_loss.dtype).clamp(min=1.0)
+            return row_loss.sum() / max(float(norm_count), 1.0)
+        loss = row_loss.sum() / row_m.sum().clamp(min=1.0)
+    elif agg == "seq-mean-token-mean":
+        loss = (row_loss / row_m.clamp(min=1.0)).mean()
+    elif agg == "seq-mean-token-sum":
+        loss = row_loss.mean()
+    else:  # seq-mean-token-sum-norm
+        loss = row_loss.sum() / (max(b, 1) * (t if max_len is None else max_len))
+    return loss / ga if ga != 1 else loss
+
+
+def _policy_loss_fused(logps, old_logps, advantages, mask, ref_logps, entropy, is_truncated, count, o,
+                       backend: str):
+    """:func:`_policy_loss_torch` for the calls :func:`_fused_backend` accepts: the per-token loss and
+    the per-row sums from ``posttrain_kernels::policy_token_loss_forward``, the aggregation (whose
+    gradient is a per-row scale of each token's loss) and the metrics from the (B, 10) sums."""
+    b, t = logps.shape
+    if is_truncated is not None:  # truncated completions leave the loss and the counts
+        mask = mask.masked_fill(is_truncated.unsqueeze(1), 0)
+    bonus = o["entropy_coef"] != 0.0
+    ent_in = None if entropy is None else (entropy if bonus else entropy.detach())
+    _, part = policy_ops.policy_token_loss_forward(
+        logps, None if old_logps is None else old_logps.detach(), advantages.detach(), mask,
+        None if ref_logps is None else ref_logps.detach(), ent_in, o["loss_type"], o["eps_low"], o["eps_high"],
+        o["delta"], o["clip_ratio_c"], o["sapo_pos"], o["sapo_neg"], o["beta"], o["kl_estimator"], o["bias_kl"],
+        backend)
+    col = policy_ops.COL
+    stats = part.detach()
+    row_m = stats[:, col["mask"]]
+    norm_count = count if o["global_count"] else None
+    loss = _aggregate_rows(part[:, col["loss"]], row_m, o["agg"], norm_count, o["max_len"], o["ga"], b, t)
+    policy = loss
+    if bonus:
+        h = part[:, col["entropy"]].sum() / row_m.sum().clamp(min=1.0)
+        if o["ga"] != 1:
+            h = h / o["ga"]
+        loss = loss - o["entropy_coef"] * h
+    return loss, _fused_metrics(policy, stats, o, ref_logps is not None, entropy is not None)
+
+
+def _fused_metrics(policy: Tensor, stats: Tensor, o: dict, has_ref: bool, has_entropy: bool) -> Dict[str, Tensor]:
+    """:func:`_policy_metrics` (token level) from the per-row sums of ``ops.policy.PARTIAL_COLUMNS``."""
+    col = policy_ops.COL
+    with torch.no_grad():
+        zero = torch.zeros((), dtype=torch.float32, device=stats.device)
+        tot = stats.sum(dim=0)
+        denom = tot[col["mask"]].clamp(min=1.0)
+        row_denom = stats[:, col["mask"]].clamp(min=1.0)
+        ok = stats[:, col["count"]] > 0  # rows with tokens
+
+        def mean(name: str) -> Tensor:
+            return tot[col[name]] / denom
+
+        def row_extreme(name: str, largest: bool) -> Tensor:
+            rows = torch.where(ok, stats[:, col[name]] / row_denom, float("-inf") if largest else float("inf"))
+            v = rows.amax() if largest else rows.amin()
+            return torch.where(ok.any(), v, 0.0)
+
+        clipped, cispo = o["clipped"], o["base"] == "cispo"
+        if clipped:
+            region = (tot[col["clip_low"]] + tot[col["clip_high"]]) / denom  # low, high: A < 0, A > 0
+        else:
+            region = mean("clip_high") if cispo else zero
+        out = {
+            "policy_loss": policy.detach(),
+            "kl": mean("kl") if has_ref else zero,
+            "entropy": mean("entropy") if has_entropy else zero,
+            "approx_kl": -tot[col["log_ratio"]] / denom,
+            "ratio_mean": mean("ratio"),
+            "clip_ratio/low_mean": mean("clip_low") if clipped else zero,
+            "clip_ratio/high_mean": mean("clip_high") if clipped or cispo else zero,
+            "clip_ratio/region_mean": region,
+            "clip_ratio/low_min": row_extreme("clip_low", largest=False) if clipped else zero,
+            "clip_ratio/high_max": row_extreme("clip_high", largest=True) if clipped or cispo else zero,
+            "clip_ratio/dual_mean": mean("clip_dual") if o["clip_ratio_c"] is not None else zero,
+        }
+        return {k: v.to(torch.float32) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
 # public API
 
 
@@ -608,8 +735,14 @@ def policy_loss(
             for the same numbers. Refused by the other aggregations.
         gradient_accumulation_steps: the local normalizers (and the entropy bonus) are divided by
             it, as TRL does (``current_gradient_accumulation_steps``); default 1.
-        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch" | "reference"``; every backend runs
-            the vectorized PyTorch implementation until the fused kernel lands.
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch" | "reference"`` (resolved as
+            everywhere in the library: ``"auto"`` is Triton for CUDA tensors). ``"triton"`` fuses
+            the per-token math into one Triton kernel forward and one backward for ``grpo``,
+            ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo`` and ``sapo`` at token level without
+            ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+            ``importance_sampling_ratio`` or float64 ``logps`` (same numbers); those calls, the
+            sequence-level types (``gspo``, ``luspo``), ``vespo`` and the other backends run the
+            vectorized PyTorch implementation.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-d float32 tensor (float64 for float64 ``logps``),
@@ -715,6 +848,10 @@ def _policy_loss_checked(o: dict, logps, old_logps, advantages, mask, *, ref_log
     if o["top_q"] < 1.0 and entropy is None:
         raise ValueError(f"entropy: required when top_entropy_quantile < 1, got None with "
                          f"top_entropy_quantile={o['top_q']!r}")
+    fused = _fused_backend(o, logps, mask, importance_sampling_ratio)
+    if fused is not None:
+        return _policy_loss_fused(logps, old_logps, advantages, mask, ref_logps, entropy, is_truncated, count,
+                                  o, fused)
     return _policy_loss_torch(logps, old_logps, advantages, mask, ref_logps, entropy, sampling_logps,
                               importance_sampling_ratio, is_truncated, count, o)
 
