@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linear-rows", type=int, default=None,
                    help="tokens of the fused-linear ops; default 2048 on CPU, 16384 on CUDA")
     p.add_argument("--hidden", type=int, default=None, help="hidden size of the fused-linear ops; default 1024 on CPU, 4096 on CUDA")
+    p.add_argument("--pref-shape", default="4,256,512",
+                   help="preference ops: pairs,tokens,hidden (the head's vocabulary is --vocab)")
+    p.add_argument("--policy-shape", default="8,256,512",
+                   help="policy ops: completions,tokens,hidden (the head's vocabulary is --vocab)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -64,13 +68,14 @@ def device_tag(device: torch.device) -> str:
 
 def format_table(rows: List[Row]) -> str:
     head = ["op", "dtype", "impl", "time ms", "vs eager", "vs compile", "peak extra MiB", "peak/grad",
-            "peak vs eager", "working MiB", "working vs eager"]
+            "peak vs eager", "working MiB", "working vs eager", "time / floor"]
     if any(r.pct_copy_bandwidth is not None for r in rows):
         head.append("% copy BW")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     eager_peak = {(r.op, r.dtype): r.peak_extra_mib for r in rows if r.impl == "eager"}
     eager_work = {(r.op, r.dtype): r.working_mib for r in rows if r.impl == "eager"}
+    floor_time = {(r.op, r.dtype): r.time_ms for r in rows if r.impl.endswith("(floor)")}
     for r in rows:
         ep = eager_peak.get((r.op, r.dtype))
         peak_vs_eager = None if (ep in (None, 0) or r.peak_extra_mib is None) else r.peak_extra_mib / ep
@@ -83,7 +88,9 @@ def format_table(rows: List[Row]) -> str:
                  *(["-"] * 5 if floor else
                    [fmt(r.peak_extra_mib, ".0f"), fmt(r.peak_over_grad, ".2f"), fmt(peak_vs_eager, ".2f"),
                     fmt(r.working_mib, ".0f"), fmt(work_vs_eager, ".2f")])]
-        if len(head) > 11:
+        ft = floor_time.get((r.op, r.dtype))
+        cells.append("-" if ft is None else f"{r.time_ms / ft:.2f}")
+        if len(head) > 12:
             cells.append(fmt(r.pct_copy_bandwidth, ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -140,6 +147,14 @@ def _parse_dtypes(flag: str, text: str) -> list:
     return out
 
 
+def _parse_shape(flag: str, text: str) -> tuple:
+    try:
+        rows, tokens, hidden = (int(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{flag}: expected three integers (sequences,tokens,hidden), got {text!r}")
+    return rows, tokens, hidden
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = args.rows or (16384 if device.type == "cuda" else 4096)
@@ -150,6 +165,11 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         rows, vocab, repeats, warmup = min(rows, 256), min(vocab, 4099), 1, 1
         linear_rows, hidden_size = min(linear_rows, 256), min(hidden_size, 128)
+    pref_shape = _parse_shape("--pref-shape", args.pref_shape)
+    policy_shape = _parse_shape("--policy-shape", args.policy_shape)
+    if args.quick:
+        pref_shape = tuple(min(a, b) for a, b in zip(pref_shape, (2, 32, 64)))
+        policy_shape = tuple(min(a, b) for a, b in zip(policy_shape, (4, 32, 64)))
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     for o in ops:
         if o not in OPS:
@@ -163,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_suite(ops, dtypes, rows, vocab, device, repeats, warmup, not args.no_compile,
                         progress=lambda s: print(f"  {s} ({time.time() - t0:.0f}s)", flush=True),
                         linear_rows=linear_rows, hidden_size=hidden_size, linear_dtypes=linear_dtypes,
-                        slow_s=args.slow_s,
+                        slow_s=args.slow_s, preference_shape=pref_shape, policy_shape=policy_shape,
                         only=None if not args.impls else [x.strip() for x in args.impls.split(",")])
     table = format_table(results)
     print(table)

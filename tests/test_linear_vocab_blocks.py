@@ -178,16 +178,16 @@ def test_block_labels():
 
 
 def test_peak_memory_has_no_fp32_weight_accumulator(monkeypatch):
-    """bf16 head, V=32000, H=256: the token-chunked backward would hold a (V, H) fp32 accumulator
-    (31 MiB) besides the bf16 gradient; the blocked one stays within the chunk budget plus the
-    fp32 hidden-gradient accumulator."""
+    """bf16 head, V=32000, H=512: the token-chunked backward would hold a (V, H) fp32 accumulator
+    (62.5 MiB) besides the bf16 gradient; the blocked one stays within the chunk budget plus the
+    fp32 hidden-gradient accumulator (and allocator / thread-stack slack: RSS-based)."""
     from posttrain_kernels.benchmarks.measure import peak_extra_bytes
     if not LIVE["cpu"]:
         pytest.skip("_C not built")
     budget = 16 * 2**20
     monkeypatch.setenv("POSTTRAIN_KERNELS_CHUNK_BYTES", str(budget))
-    v, h, n = 32000, 256, 1024
-    weight = (torch.randn(v, h) / 16).bfloat16().requires_grad_(True)
+    v, h, n = 32000, 512, 1024
+    weight = (torch.randn(v, h) / 22).bfloat16().requires_grad_(True)
     hidden = torch.randn(n, h).bfloat16().requires_grad_(True)
     labels = torch.randint(0, v, (n,))
 
@@ -203,6 +203,6 @@ def test_peak_memory_has_no_fp32_weight_accumulator(monkeypatch):
         pytest.skip("peak RSS not measurable here")
     grads = (v * h + n * h) * 2
     accumulator = v * h * 4
-    allocator_and_blas = 8 * 2**20
+    allocator_and_blas = 16 * 2**20
     assert peak - grads < budget + n * h * 4 * 2 + allocator_and_blas, peak / 2**20
     assert peak - grads < accumulator, peak / 2**20
