@@ -118,7 +118,7 @@ def test_one_pass_when_a_group_fits(monkeypatch):
     real = linear_head._Head.logits
     monkeypatch.setattr(linear_head._Head, "logits", lambda self, h: calls.append(h.shape[0]) or real(self, h))
     run("cpu" if LIVE["cpu"] else "torch", torch.float32, "orpo", chunk_size=2 * T)
-    assert calls == [T] * (2 * B)  # each group: its chosen rows, its rejected rows; once each
+    assert calls == [2 * T] * B  # each group (a pair: its chosen and rejected rows) once, in one GEMM
     calls.clear()
     run("cpu" if LIVE["cpu"] else "torch", torch.float32, "orpo", chunk_size=T - 1)
     assert len(calls) == 2 * 2 * B * 2  # each row in two pieces, computed then recomputed

@@ -142,19 +142,6 @@ class _Grads:
         if self.bias is not None:
             self.bias.add_(g_logits.sum(0, dtype=_F32))
 
-    def add_chunk_scaled(self, sl: slice, unit: Tensor, h: Tensor, head: "_Head", scale: Tensor) -> None:
-        """The chunk's logits gradient is ``scale[:, None] * unit`` (a per-row scale, fp32
-        ``(rows,)``), applied to the GEMMs' small operands instead of the ``rows x V`` buffer:
-        ``grad_h = scale * (unit @ W)``, ``grad_W += unit.T @ (scale * h)``."""
-        if self.need_h:
-            out = self.hidden[sl]
-            head.grad_hidden(unit, out)
-            out.mul_(scale[:, None].to(out.dtype))
-        if self.need_w:
-            head.grad_weight(self.weight, unit, (h.float() * scale[:, None]).to(h.dtype))
-        if self.bias is not None:
-            self.bias.add_(unit.t().float() @ scale)
-
     def result(self, weight: Tensor, bias: Optional[Tensor]):
         gw = None if self.weight is None else self.weight.to(weight.dtype)
         gb = None if self.bias is None else self.bias.to(bias.dtype)

@@ -58,22 +58,21 @@ class LinearSequenceLoss(torch.autograd.Function):
         empty = torch.empty((0,), device=hidden.device, dtype=_F32)
         minus_one = torch.full((chunk,), -1.0, device=hidden.device, dtype=_F32)
         for gi, group in enumerate(groups):
+            n_group = sum(r.stop - r.start for r in group)
+            if grads is not None and n_group <= chunk and inv_t == 1.0:
+                seq, loss_g, met_g = _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads,
+                                                  minus_one[:n_group], ignore_index, backend)
+                total += loss_g
+                metrics += torch.stack([met_g[k].detach().float() for k in metric_names])
+                continue
             pieces = [sc for rng in group for sc in _sub_chunks(rng, chunk)]
             # keep the group's logits between its forward and backward when they fit the budget
-            keep = grads is not None and sum(p.stop - p.start for p in pieces) <= chunk
+            keep = grads is not None and n_group <= chunk
             kept, lses, seq_parts = [], [], []
             for sc in pieces:
                 z = head.logits(hidden[sc])
-                if keep and inv_t == 1.0:
-                    # log-prob and unit gradient d logp / d z = onehot - p in one pass over the row
-                    # (the cross-entropy kernel with upstream -1: loss = -logp); the group's
-                    # gradient then scales each row, in the GEMMs' small operands
-                    nll, lse = chunk_ops.cross_entropy_fused_(z, labels[sc][:, 0], minus_one[:z.shape[0]],
-                                                              ignore_index, 0.0, 0.0, 0.0, backend)
-                    lp = nll.neg()[:, None]
-                else:
-                    lp, _, lse = chunk_ops.token_logprobs_forward(z, labels[sc], inv_t, ignore_index,
-                                                                  False, backend)
+                lp, _, lse = chunk_ops.token_logprobs_forward(z, labels[sc], inv_t, ignore_index, False,
+                                                              backend)
                 lses.append(lse)
                 seq_parts.append(lp)
                 if keep:
@@ -93,11 +92,6 @@ class LinearSequenceLoss(torch.autograd.Function):
             offset = 0
             for i, sc in enumerate(pieces):
                 n = sc.stop - sc.start
-                if keep and inv_t == 1.0:
-                    grads.add_chunk_scaled(sc, kept[i], hidden[sc], head, g_tok[offset:offset + n, 0])
-                    kept[i] = None
-                    offset += n
-                    continue
                 z = kept[i] if keep else head.logits(hidden[sc])
                 chunk_ops.token_logprobs_backward_(z, labels[sc], lses[i], empty,
                                                    g_tok[offset:offset + n], None, inv_t,
@@ -123,3 +117,36 @@ class LinearSequenceLoss(torch.autograd.Function):
             if g is not None:
                 g.mul_(grad_out)
         return (gh, gw, gb) + (None,) * 11
+
+
+def _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads, minus_one, ignore_index, backend):
+    """A group that fits the chunk, in one pass: its rows gathered into one GEMM operand (one
+    larger GEMM instead of one per range), the log-probs and the unit gradient
+    ``d logp / d z = onehot - p`` from the fused cross-entropy kernel (upstream -1, so its loss is
+    ``-logp``) written over the logits while each row is in cache, then the group's gradient
+    ``g_seq`` applied as a per-row scale to the GEMMs' small operands (never to the logits):
+    ``grad_h = g * (U @ W)``, ``grad_W += U.T @ (g * h)``."""
+    h_g = hidden[group[0]] if len(group) == 1 else torch.cat([hidden[r] for r in group])
+    lab_g = labels[group[0]] if len(group) == 1 else torch.cat([labels[r] for r in group])
+    z = head.logits(h_g)
+    nll, _ = chunk_ops.cross_entropy_fused_(z, lab_g[:, 0].contiguous(), minus_one, ignore_index, 0.0, 0.0,
+                                            0.0, backend)
+    seq = nll.neg().view(-1, seq_len).sum(-1)  # ignored tokens have loss 0
+    with torch.enable_grad():
+        leaf = seq.detach().requires_grad_(True)
+        loss_g, met_g = seq_loss(leaf, gi)
+        g_seq = torch.autograd.grad(loss_g, leaf)[0]
+    g_tok = g_seq.to(_F32).repeat_interleave(seq_len)
+    if grads.need_h:
+        gh = torch.empty(h_g.shape, dtype=h_g.dtype, device=h_g.device)
+        head.grad_hidden(z, gh)
+        gh.mul_(g_tok[:, None].to(gh.dtype))
+        o = 0
+        for r in group:
+            grads.hidden[r] = gh[o:o + r.stop - r.start]
+            o += r.stop - r.start
+    if grads.need_w:
+        head.grad_weight(grads.weight, z, (h_g.float() * g_tok[:, None]).to(h_g.dtype))
+    if grads.bias is not None:
+        grads.bias.add_(z.t().float() @ g_tok)
+    return seq, loss_g.detach(), met_g
