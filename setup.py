@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,9 +72,9 @@ ext_modules = [] if os.environ.get("PTK_SKIP_EXTENSION", "") == "1" else [CMakeE
 setup(
     package_dir={"posttrain_kernels": "python/posttrain_kernels", "posttrain_kernels.kernels": "kernels",
                  "posttrain_kernels.benchmarks": "benchmarks"},
-    packages=["posttrain_kernels", "posttrain_kernels.ops", "posttrain_kernels.backends",
-              "posttrain_kernels.reference", "posttrain_kernels.api", "posttrain_kernels.kernels",
-              "posttrain_kernels.benchmarks"],
+    # every package under python/ (a new subpackage cannot be left out of a wheel), plus the two
+    # top-level folders installed inside the package
+    packages=find_packages("python") + ["posttrain_kernels.kernels", "posttrain_kernels.benchmarks"],
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
