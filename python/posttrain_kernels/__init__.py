@@ -29,8 +29,14 @@ Policy gradient (per-token log-probs; ``(loss, metrics)``)::
     linear_policy_loss(hidden, weight, labels, old_logps, advantages, mask, *,
                        ref_hidden=None, ref_weight=None, ref_logps=None, ...)  # fused, no logits
 
+Distillation (student vs teacher logits)::
+
+    distill_loss(student_logits, teacher_logits, *, divergence="forward_kl", beta=0.5,
+                 temperature=1.0, labels=None, reduction="batchmean")
+
 ``nn.Module`` forms of every loss are in ``posttrain_kernels.modules``.
 """
+from .api.distill import distill_loss
 from .api.linear_policy import linear_policy_loss
 from .api.linear_preference import linear_preference_loss
 from .api.linear_token_logprobs import linear_cross_entropy, linear_token_logprobs
@@ -53,6 +59,7 @@ __all__ = [
     "simpo_loss",
     "cpo_loss",
     "orpo_loss",
+    "distill_loss",
     "policy_loss",
     "linear_policy_loss",
     "value_loss",

@@ -83,6 +83,28 @@ def launchers(name: str) -> Any:
     raise ValueError(f"backend {name!r} has no fused launchers")
 
 
+def distill_launchers(name: str) -> Any:
+    """The launchers ``distill_forward`` / ``distill_backward`` of a concrete backend ``name`` (the
+    contract is in ``backends/torch_distill.py``); ``cuda`` runs the PyTorch launchers until its
+    kernels exist."""
+    if name == "triton":
+        return importlib.import_module("posttrain_kernels.kernels.distill")
+    if name == "cpu":
+        from .backends import native
+        if hasattr(native.cpu, "distill_forward") and _has_native("distill_forward_cpu"):
+            return native.cpu
+    if name in ("cpu", "cuda", "torch"):
+        from .backends import torch_distill
+        return torch_distill
+    raise ValueError(f"backend {name!r} has no fused launchers")
+
+
+def _has_native(fn: str) -> bool:
+    from ._extension import load_extension
+    ext = load_extension()
+    return ext is not None and hasattr(ext, fn)
+
+
 def live_backends() -> dict:
     """Which backends can run here, for ``python -m posttrain_kernels info``."""
     cuda_dev = torch.cuda.is_available()

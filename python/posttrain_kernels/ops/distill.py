@@ -1,0 +1,60 @@
+"""Custom ops + autograd of the distillation family (``posttrain_kernels::distill_*``).
+
+2-D operands: student and teacher logits ``(N, V)`` with unit stride along V; the teacher is never
+differentiated. The forward keeps O(N) state (both lse's and the row constant of the gradient);
+the backward recomputes the probabilities and writes the student's gradient once.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..dispatch import distill_launchers
+
+_F32 = torch.float32
+
+
+@torch.library.custom_op("posttrain_kernels::distill_forward", mutates_args=())
+def distill_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                    divergence: int, beta: float, inv_temperature: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """student, teacher (N, V) -> per-row divergence (N,) fp32, stats (N, 3) fp32."""
+    return distill_launchers(backend).distill_forward(student, teacher, labels, ignore_index, divergence, beta,
+                                                      inv_temperature)
+
+
+@distill_forward.register_fake
+def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, backend):
+    n = student.shape[0]
+    return student.new_empty((n,), dtype=_F32), student.new_empty((n, 3), dtype=_F32)
+
+
+@torch.library.custom_op("posttrain_kernels::distill_backward", mutates_args=())
+def distill_backward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                     divergence: int, beta: float, inv_temperature: float, stats: Tensor, grad_loss: Tensor,
+                     backend: str) -> Tensor:
+    """The student's gradient (N, V) in its dtype, written once."""
+    return distill_launchers(backend).distill_backward(student, teacher, labels, ignore_index, divergence, beta,
+                                                       inv_temperature, stats, grad_loss)
+
+
+@distill_backward.register_fake
+def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats, grad_loss, backend):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    student, teacher, labels, ignore_index, divergence, beta, inv_temperature, backend = inputs
+    ctx.save_for_backward(student, teacher, labels, output[1])
+    ctx.args = (ignore_index, divergence, beta, inv_temperature, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_stats):
+    student, teacher, labels, stats = ctx.saved_tensors
+    ignore_index, divergence, beta, inv_temperature, backend = ctx.args
+    grad = distill_backward(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats,
+                            grad_loss.to(_F32).contiguous(), backend)
+    return grad, None, None, None, None, None, None, None
+
+
+distill_forward.register_autograd(_backward, setup_context=_setup)
