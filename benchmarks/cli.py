@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="preference ops: pairs,tokens,hidden (the head's vocabulary is --vocab)")
     p.add_argument("--policy-shape", default="8,256,512",
                    help="policy ops: completions,tokens,hidden (the head's vocabulary is --vocab)")
+    p.add_argument("--distill-hidden", default="512,1024",
+                   help="linear distillation: student,teacher hidden sizes (tokens: --linear-rows)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -167,6 +169,13 @@ def run(args: argparse.Namespace) -> int:
         linear_rows, hidden_size = min(linear_rows, 256), min(hidden_size, 128)
     pref_shape = _parse_shape("--pref-shape", args.pref_shape)
     policy_shape = _parse_shape("--policy-shape", args.policy_shape)
+    try:
+        distill_hidden = tuple(int(v) for v in args.distill_hidden.split(","))
+        assert len(distill_hidden) == 2
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--distill-hidden: expected two integers (student,teacher), got {args.distill_hidden!r}")
+    if args.quick:
+        distill_hidden = (min(distill_hidden[0], 64), min(distill_hidden[1], 96))
     if args.quick:
         pref_shape = tuple(min(a, b) for a, b in zip(pref_shape, (2, 32, 64)))
         policy_shape = tuple(min(a, b) for a, b in zip(policy_shape, (4, 32, 64)))
@@ -184,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
                         progress=lambda s: print(f"  {s} ({time.time() - t0:.0f}s)", flush=True),
                         linear_rows=linear_rows, hidden_size=hidden_size, linear_dtypes=linear_dtypes,
                         slow_s=args.slow_s, preference_shape=pref_shape, policy_shape=policy_shape,
+                        distill_hidden=distill_hidden,
                         only=None if not args.impls else [x.strip() for x in args.impls.split(",")])
     table = format_table(results)
     print(table)

@@ -120,19 +120,21 @@ def run_preference(op: str, dtype: torch.dtype, pairs: int, tokens: int, hidden_
 
 
 def run_loss(op: str, impls: Dict[str, Callable], x: dict, dtype: torch.dtype, vocab: int, device: torch.device,
-             repeats: int, warmup: int, progress: Callable[[str], None], row_cls) -> list:
-    """Time and peak memory of each ``impls[name](x) -> loss`` (forward + backward into
-    ``x["hidden"]`` and ``x["weight"]``), and a check that they all compute the same loss."""
-    grad_bytes = (x["hidden"].numel() + x["weight"].numel()) * x["hidden"].element_size()
-    n_tokens = x["hidden"].numel() // x["hidden"].shape[-1]
+             repeats: int, warmup: int, progress: Callable[[str], None], row_cls,
+             params: tuple = ("hidden", "weight")) -> list:
+    """Time and peak memory of each ``impls[name](x) -> loss`` (forward + backward into the tensors
+    ``x[p]`` for ``p`` in ``params``), and a check that they all compute the same loss."""
+    grad_bytes = sum(x[p].numel() * x[p].element_size() for p in params)
+    first = x[params[0]]
+    n_tokens = first.numel() // first.shape[-1]
     values = {}
     out = []
     for i, (name, fn) in enumerate(impls.items()):
         progress(f"[{op} {str(dtype)[6:]}] {i + 1}/{len(impls)} {name}")
 
         def step(fn=fn):
-            x["hidden"].grad = None
-            x["weight"].grad = None
+            for p in params:
+                x[p].grad = None
             loss = fn(x)
             loss.backward()
             return loss
@@ -140,11 +142,14 @@ def run_loss(op: str, impls: Dict[str, Callable], x: dict, dtype: torch.dtype, v
         t0 = time.perf_counter()
         values[name] = step().detach()  # compile / first-call cost, and the value compared below
         progress(f"    first call {time.perf_counter() - t0:.1f} s, loss {float(values[name]):.6f}")
-        x["hidden"].grad = x["weight"].grad = None
+        for p in params:
+            x[p].grad = None
         peak = peak_extra_bytes(step, device)
-        x["hidden"].grad = x["weight"].grad = None
+        for p in params:
+            x[p].grad = None
         t = time_call(step, device, repeats, max(0, warmup - 1))
-        x["hidden"].grad = x["weight"].grad = None
+        for p in params:
+            x[p].grad = None
         out.append(row_cls(op=op, device=str(device), dtype=str(dtype)[6:], rows=n_tokens, vocab=vocab,
                            impl=name, time_ms=t * 1e3, peak_extra_mib=None if peak is None else peak / 2**20,
                            grad_mib=grad_bytes / 2**20,

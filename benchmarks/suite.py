@@ -18,11 +18,12 @@ from posttrain_kernels.reference import (cross_entropy_reference, linear_cross_e
                                          linear_token_logprobs_reference, token_logprobs_reference)
 
 from .measure import copy_bandwidth, peak_extra_bytes, time_call
+from .distill import DISTILL_OPS, run_distill
 from .policy import POLICY_OPS, run_policy
 from .preference import PREFERENCE_OPS, run_preference
 
 OPS = ("logprobs", "logprobs+entropy", "cross_entropy", "linear_cross_entropy",
-       "linear_logprobs+entropy") + PREFERENCE_OPS + POLICY_OPS
+       "linear_logprobs+entropy") + PREFERENCE_OPS + POLICY_OPS + DISTILL_OPS
 LINEAR_OPS = ("linear_cross_entropy", "linear_logprobs+entropy")
 
 
@@ -230,10 +231,18 @@ def run_suite(ops: List[str], dtypes: List[torch.dtype], rows: int, vocab: int,
               progress: Callable[[str], None] = print, linear_rows: int = 2048,
               hidden_size: int = 1024, linear_dtypes: Optional[List[torch.dtype]] = None,
               slow_s: float = 60.0, only: Optional[List[str]] = None,
-              preference_shape: tuple = (4, 256, 512), policy_shape: tuple = (8, 256, 512)) -> List[Row]:
+              preference_shape: tuple = (4, 256, 512), policy_shape: tuple = (8, 256, 512),
+              distill_hidden: tuple = (512, 1024)) -> List[Row]:
     results: List[Row] = []
     bw = copy_bandwidth(rows * vocab * 2, device) if device.type == "cuda" else None
     for op in ops:
+        if op in DISTILL_OPS:
+            for dtype in (dtypes if linear_dtypes is None else linear_dtypes):
+                op_rows = run_distill(op, dtype, rows, vocab, linear_rows, *distill_hidden, device, repeats, warmup,
+                                      compile_reference, progress, only, Row, _select)
+                _add_speedups(op_rows)
+                results.extend(op_rows)
+            continue
         if op in PREFERENCE_OPS or op in POLICY_OPS:
             runner, shape = (run_preference, preference_shape) if op in PREFERENCE_OPS else (run_policy, policy_shape)
             for dtype in (dtypes if linear_dtypes is None else linear_dtypes):
