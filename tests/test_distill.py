@@ -129,3 +129,67 @@ def test_bad_input(kwargs, match):
         ptk.distill_loss(s, t[:3], backend="torch")
     with pytest.raises(TypeError, match="teacher_logits"):
         ptk.distill_loss(s, t.double(), backend="torch")
+
+
+def _topk_independent(s, ids, lq, divergence, tail, temperature):
+    """The sparse-teacher divergence written out: gather, renormalize or add the tail bucket."""
+    lp_all = torch.log_softmax(s.double() / temperature, -1)
+    lp = lp_all.gather(-1, ids)
+    lq = lq.double()
+    if tail == "bucket":
+        lp = torch.cat([lp, torch.log1p(-lp.exp().sum(-1, keepdim=True)).clamp_min(torch.log(torch.tensor(1e-7)))], -1)
+        lq = torch.cat([lq, torch.log1p(-lq.exp().sum(-1, keepdim=True)).clamp_min(torch.log(torch.tensor(1e-7)))], -1)
+    else:
+        lp = lp - torch.logsumexp(lp, -1, keepdim=True)
+        lq = lq - torch.logsumexp(lq, -1, keepdim=True)
+    p, q = lp.exp(), lq.exp()
+    if divergence == "forward_kl":
+        return (q * (lq - lp)).sum(-1)
+    if divergence == "reverse_kl":
+        return (p * (lp - lq)).sum(-1)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+@pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "tvd"])
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("k", [1, 8])
+def test_topk_distill(backend, device, divergence, tail, k):
+    g = torch.Generator().manual_seed(k)
+    s = torch.randn(3, 4, 60, generator=g) * 2
+    teacher = torch.log_softmax(torch.randn(3, 4, 60, generator=g) * 2, -1)
+    lq, ids = teacher.topk(k, -1)
+    labels = torch.randint(0, 60, (3, 4), generator=g)
+    labels[0] = -100
+    x = s.clone().requires_grad_(True)
+    got = ptk.topk_distill_loss(x, ids, lq, divergence=divergence, tail=tail, temperature=0.8, labels=labels,
+                                reduction="sum", backend=backend)
+    got.backward()
+    xr = s.double().requires_grad_(True)
+    per = _topk_independent(xr, ids, lq, divergence, tail, 0.8)
+    want = torch.where(labels != -100, per, torch.zeros_like(per)).sum()
+    want.backward()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-4)
+    assert (x.grad[0] == 0).all()
+
+
+def test_topk_with_every_id_is_the_full_divergence():
+    s, t, labels = make((2, 3), 20, 20, "some")
+    lq, ids = torch.log_softmax(t, -1).topk(20, -1)
+    full = ptk.distill_loss(s, t, divergence="jsd", beta=0.3, labels=labels, backend="torch")
+    topk = ptk.topk_distill_loss(s, ids, lq, divergence="jsd", beta=0.3, labels=labels, backend="torch")
+    torch.testing.assert_close(topk, full, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_bad_input():
+    s = torch.randn(4, 10)
+    ids = torch.randint(0, 10, (4, 3))
+    with pytest.raises(ValueError, match="teacher_topk_logps"):
+        ptk.topk_distill_loss(s, ids, torch.zeros(4, 2), backend="torch")
+    with pytest.raises(ValueError, match="teacher_topk_ids"):
+        ptk.topk_distill_loss(s, ids[:3], torch.zeros(3, 3), backend="torch")
+    with pytest.raises(ValueError, match="tail"):
+        ptk.topk_distill_loss(s, ids, torch.zeros(4, 3), tail="drop", backend="torch")
+    with pytest.raises(TypeError, match="teacher_topk_ids"):
+        ptk.topk_distill_loss(s, ids.float(), torch.zeros(4, 3), backend="torch")

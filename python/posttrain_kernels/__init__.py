@@ -36,7 +36,7 @@ Distillation (student vs teacher logits)::
 
 ``nn.Module`` forms of every loss are in ``posttrain_kernels.modules``.
 """
-from .api.distill import distill_loss
+from .api.distill import distill_loss, topk_distill_loss
 from .api.linear_distill import linear_distill_loss
 from .api.linear_policy import linear_policy_loss
 from .api.linear_preference import linear_preference_loss
@@ -61,6 +61,7 @@ __all__ = [
     "cpo_loss",
     "orpo_loss",
     "distill_loss",
+    "topk_distill_loss",
     "linear_distill_loss",
     "policy_loss",
     "linear_policy_loss",

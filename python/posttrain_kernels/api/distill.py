@@ -2,6 +2,7 @@
 ``tokens x vocab`` probability tensors in memory."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -124,6 +125,107 @@ def distill_loss(
         n = kept if kept is not None else per.numel()
         return total / ((n * v).clamp_min(1) if isinstance(n, Tensor) else max(n * v, 1))
     # batchmean
+    if kept is not None:
+        return total / kept.clamp_min(1)
+    return total / max(student_logits.shape[0], 1)
+
+
+TOPK_TAILS = ("renormalize", "bucket")
+
+
+def topk_distill_loss(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logps: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Distillation from a sparse teacher: its top-k token ids and log-probs per position, stored
+    offline, against the student's full distribution.
+
+    Args:
+        student_logits: ``(..., V)``; differentiable. ``temperature`` divides them (the teacher's
+            log-probs are taken as stored).
+        teacher_topk_ids: ``(..., k)`` integer ids in ``[0, V)`` (distinct per position).
+        teacher_topk_logps: ``(..., k)`` the teacher's log-probs of those ids (normalized over its
+            full vocabulary; not differentiated).
+        tail: what happens to the probability mass outside the k ids:
+
+            * ``"renormalize"``: both distributions are restricted to the k ids and renormalized
+              there, ``q~_i = q_i / sum_k q``, ``p~_i = p_i / sum_k p``; the divergence is taken
+              between ``q~`` and ``p~`` (k classes);
+            * ``"bucket"``: the rest of the vocabulary is one more class, with mass
+              ``1 - sum_k q`` for the teacher and ``1 - sum_k p`` for the student (k + 1 classes;
+              a tail mass below 1e-7 counts as 1e-7, so its log stays finite).
+        divergence, beta, labels, ignore_index, reduction, num_items_in_batch, backend: as
+            :func:`distill_loss` (``"mean"`` divides by the kept tokens x the number of classes).
+
+    The student's log-probs of the k ids come from :func:`token_logprobs` (one fused pass over the
+    vocabulary per row, no log-softmax tensor); the rest is O(tokens x k).
+
+    Returns:
+        fp32: a scalar, or ``(...)`` for ``reduction="none"``.
+    """
+    from .token_logprobs import token_logprobs
+    from ..reference.distill import distill_divergence_reference
+    V.check_tensor("teacher_topk_ids", teacher_topk_ids, ndim_min=1)
+    V.check_tensor("teacher_topk_logps", teacher_topk_logps, ndim_min=1)
+    V.check_integer("teacher_topk_ids", teacher_topk_ids)
+    V.check_float("teacher_topk_logps", teacher_topk_logps, allow_fp64=True)
+    lead = tuple(student_logits.shape[:-1])
+    if tuple(teacher_topk_ids.shape[:-1]) != lead:
+        raise ValueError(f"teacher_topk_ids: expected shape {lead + ('k',)} for student_logits of shape "
+                         f"{tuple(student_logits.shape)}, got {tuple(teacher_topk_ids.shape)}")
+    if teacher_topk_logps.shape != teacher_topk_ids.shape:
+        raise ValueError(f"teacher_topk_logps: expected the shape of teacher_topk_ids "
+                         f"{tuple(teacher_topk_ids.shape)}, got {tuple(teacher_topk_logps.shape)}")
+    if teacher_topk_ids.shape[-1] < 1:
+        raise ValueError("teacher_topk_ids: expected at least one id per position (k >= 1), got k = 0")
+    V.check_choice("tail", tail, TOPK_TAILS)
+    V.check_choice("divergence", divergence, DIVERGENCES)
+    V.check_choice("reduction", reduction, DISTILL_REDUCTIONS)
+    beta = _check_beta(divergence, beta)
+    if labels is not None:
+        V.check_tensor("labels", labels)
+        V.check_integer("labels", labels)
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels: expected shape {lead}, got {tuple(labels.shape)}")
+    lp, _ = token_logprobs(student_logits, teacher_topk_ids, temperature=temperature, backend=backend)
+    lq = teacher_topk_logps.detach().to(lp.dtype if lp.dtype != torch.float64 else torch.float64)
+    lp = lp.to(lq.dtype)
+    if tail == "bucket":
+        floor = math.log(1e-7)
+
+        def tail_of(x):
+            mass = torch.logsumexp(x, -1).clamp(max=math.log1p(-1e-7))
+            return torch.log(-torch.expm1(mass)).clamp_min(floor)[..., None]
+        lp, lq = torch.cat([lp, tail_of(lp)], -1), torch.cat([lq, tail_of(lq)], -1)
+    # log_softmax inside renormalizes over the k ids (and is exact for the k + 1 normalized classes)
+    per = distill_divergence_reference(lp, lq, divergence, beta, 1.0).float()
+    kept = None
+    if labels is not None:
+        keep = labels != ignore_index
+        per = torch.where(keep, per, torch.zeros_like(per))
+        kept = keep.sum()
+    if reduction == "none" and num_items_in_batch is None:
+        return per
+    total = per.sum()
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        n = kept if kept is not None else per.numel()
+        classes = lp.shape[-1]
+        return total / ((n * classes).clamp_min(1) if isinstance(n, Tensor) else max(n * classes, 1))
     if kept is not None:
         return total / kept.clamp_min(1)
     return total / max(student_logits.shape[0], 1)
