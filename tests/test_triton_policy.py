@@ -1,6 +1,7 @@
 """The fused policy loss (Triton kernels of ``kernels/policy.py`` behind the custom ops of
 ``posttrain_kernels.ops.policy``) against the PyTorch path of ``policy_loss``: the loss, every
-metric and the gradients w.r.t. ``logps`` and ``entropy``, for each fused loss type and option.
+metric and the gradients w.r.t. ``logps`` and ``entropy``, for each loss type (token- and
+sequence-level) and option (off-policy mask, entropy quantile, importance_sampling_ratio, ...).
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (``backend="triton"``); with
 one, on CUDA tensors. Shapes are small (the interpreter runs every tile in numpy). Both paths do
@@ -24,8 +25,9 @@ from posttrain_kernels.modules.policy import PolicyLoss  # noqa: E402
 from posttrain_kernels.ops import policy as policy_ops  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
-FUSED = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")
+TOKEN_LEVEL = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+FUSED = TOKEN_LEVEL + ("gspo", "luspo", "vespo")  # every loss type
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "luspo")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -114,8 +116,9 @@ def check(lp, old, adv, mask, ent=None, calls=None, **kw):
 
 
 SHAPES = [(b, t) for b in (1, 3) for t in (1, 7, 130)]
-CASES = ([pytest.param(lt, b, t, torch.float32, id=f"{lt}-{b}x{t}-fp32") for lt in FUSED for b, t in SHAPES]
-         + [pytest.param(lt, b, t, torch.bfloat16, id=f"{lt}-{b}x{t}-bf16") for lt in FUSED
+# (the sequence-level types and vespo: test_row_options)
+CASES = ([pytest.param(lt, b, t, torch.float32, id=f"{lt}-{b}x{t}-fp32") for lt in TOKEN_LEVEL for b, t in SHAPES]
+         + [pytest.param(lt, b, t, torch.bfloat16, id=f"{lt}-{b}x{t}-bf16") for lt in TOKEN_LEVEL
             for b, t in ((1, 7), (3, 130))])
 
 
@@ -213,6 +216,130 @@ def test_module_form_is_fused(fused_calls):
 
 
 # --------------------------------------------------------------------------------------------
+# row statistics (sequence-level ratio, vespo's weight, off-policy mask), entropy quantile, isr
+
+
+def build(name, opt, b, t, dtype=torch.float32, seed=0):
+    """(lp, old, adv, mask, ent, kw) for the option set ``opt`` (keys beyond policy_loss's: data,
+    old=None, ref, ent, samp, isr="row"/"token", trunc)."""
+    opt = dict(opt)
+    lp, old, adv, mask, ref, ent = make(b, t, dtype, seed=seed, **opt.pop("data", {}))
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    g = torch.Generator().manual_seed(seed + 1)
+    if opt.pop("old", True) is None:
+        old = None
+    kw = {}
+    if opt.pop("ref", False):
+        kw["ref_logps"] = ref
+    if opt.pop("samp", False):
+        base = lp if old is None else old
+        samp = base.float() + 0.2 * torch.randn(b, t, generator=g).to(DEV)
+        kw["sampling_logps"] = torch.where(valid, samp, float("nan")).to(dtype)
+    isr = opt.pop("isr", None)
+    if isr == "row":
+        kw["importance_sampling_ratio"] = (0.3 + torch.rand(b, generator=g)).to(DEV)
+    elif isr == "token":  # NaN where masked: never read
+        kw["importance_sampling_ratio"] = torch.where(valid, 0.3 + torch.rand(b, t, generator=g).to(DEV),
+                                                      float("nan"))
+    if opt.pop("trunc", False):
+        kw["is_truncated"] = (torch.arange(b) == b - 1).to(DEV)
+    use_ent = opt.pop("ent", False)
+    kw.update(opt)
+    return lp, old, adv, mask, (ent if use_ent else None), kw
+
+
+ROW_OPTIONS = {
+    "gspo": dict(loss_type="gspo", ref=True, beta=0.05, ent=True, entropy_coef=0.01, delta=1.4, clip_ratio_c=1.6),
+    "luspo": dict(loss_type="luspo", ref=True, beta=0.05, clip_ratio_c=1.6),
+    "grpo_seq": dict(loss_type="grpo", importance_sampling_level="sequence", ent=True, entropy_coef=0.01),
+    "vespo": dict(loss_type="vespo", ref=True, beta=0.05, ent=True, entropy_coef=0.01, isr="token"),
+    "top_q": dict(loss_type="dapo", ent=True, top_entropy_quantile=0.4, entropy_coef=0.02),
+    "opsm": dict(loss_type="grpo", off_policy_mask_threshold=0.02, samp=True),
+    "isr": dict(loss_type="dapo", isr="token", ref=True, beta=0.05),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t", [1, 7, 130])
+@pytest.mark.parametrize("name", list(ROW_OPTIONS))
+def test_row_options(name, t, dtype, fused_calls):
+    """Each newly fused option, T = 1 / 7 / 130 (one tile, last partial), a row without tokens and
+    NaN / inf padding, fp32 and bf16."""
+    lp, old, adv, mask, ent, kw = build(name, ROW_OPTIONS[name], 3, t, dtype, seed=t)
+    check(lp, old, adv, mask, ent, calls=fused_calls, **kw)
+
+
+ROW_VARIANTS = {
+    "sapo_seq": dict(loss_type="sapo", importance_sampling_level="sequence", ref=True, beta=0.05),
+    "cispo_seq": dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.1, ref=True,
+                      beta=0.05),
+    "vespo_no_isr": dict(loss_type="vespo"),
+    "gspo_per_token_adv": dict(loss_type="gspo", data=dict(per_token_adv=True), clip_ratio_c=1.6, ref=True,
+                               beta=0.05),
+    "gspo_on_policy": dict(loss_type="gspo", old=None, ref=True, beta=0.1),
+    "gspo_weights_truncated": dict(loss_type="gspo", data=dict(weights=True), trunc=True, ref=True, beta=0.04),
+    "gspo_no_bias_k2": dict(loss_type="gspo", ref=True, beta=0.07, kl_estimator="k2", use_bias_correction_kl=False),
+    "gspo_eps_zero": dict(loss_type="gspo", epsilon_low=0.0, epsilon_high=0.0),
+    "luspo_isr_row": dict(loss_type="luspo", isr="row"),
+    "vespo_isr_row": dict(loss_type="vespo", isr="row"),
+    "vespo_params_per_token_adv": dict(loss_type="vespo", data=dict(per_token_adv=True), vespo_k_pos=1.5,
+                                       vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=0.0),
+    "isr_row": dict(loss_type="dapo", isr="row"),
+    "opsm_default_old": dict(loss_type="dapo", off_policy_mask_threshold=-0.01),
+    "opsm_per_token_adv": dict(loss_type="sapo", data=dict(per_token_adv=True), off_policy_mask_threshold=0.0,
+                               samp=True),
+    "top_q_zero_sapo": dict(loss_type="sapo", ent=True, top_entropy_quantile=0.0, entropy_coef=0.01),
+    "top_q_truncated_no_bonus": dict(loss_type="cispo", epsilon_high=1.2, ent=True, top_entropy_quantile=0.7,
+                                     trunc=True),
+    "everything_gspo": dict(loss_type="gspo", data=dict(per_token_adv=True, weights=True), trunc=True, ref=True,
+                            beta=0.05, ent=True, entropy_coef=0.01, top_entropy_quantile=0.6,
+                            off_policy_mask_threshold=0.02, samp=True, isr="token", delta=1.3, clip_ratio_c=1.5),
+    "everything_vespo": dict(loss_type="vespo", data=dict(weights=True), ref=True, beta=0.05, ent=True,
+                             entropy_coef=0.01, top_entropy_quantile=0.5, off_policy_mask_threshold=0.0,
+                             samp=True, isr="row"),
+    "everything_dapo": dict(loss_type="dapo", ref=True, beta=0.05, kl_estimator="low_var_kl", ent=True,
+                            entropy_coef=-0.01, top_entropy_quantile=0.3, off_policy_mask_threshold=0.01,
+                            isr="token", clip_ratio_c=2.0, num_items_in_batch=50),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_VARIANTS))
+def test_row_option_variants(name, fused_calls):
+    lp, old, adv, mask, ent, kw = build(name, ROW_VARIANTS[name], 3, 130, seed=5)
+    check(lp, old, adv, mask, ent, calls=fused_calls, **kw)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_sequence_level_aggregation_modes(agg, fused_calls):
+    lp, old, adv, mask, ent, kw = build("gspo", ROW_OPTIONS["gspo"], 3, 7, seed=59)
+    extra = dict(max_completion_length=9) if agg == "seq-mean-token-sum-norm" else {}
+    check(lp, old, adv, mask, ent, calls=fused_calls, loss_agg_mode=agg, gradient_accumulation_steps=2,
+          **kw, **extra)
+
+
+@pytest.mark.parametrize("name", ["gspo", "vespo", "top_q", "opsm"])
+def test_row_options_empty_mask(name, fused_calls):
+    """No loss token at all: loss 0, finite metrics, gradients exactly 0."""
+    lp, old, adv, mask, ent, kw = build(name, ROW_OPTIONS[name], 3, 7, seed=61)
+    mask = torch.zeros_like(mask)
+    loss, metrics, g_lp, g_ent = check(lp, old, adv, mask, ent, calls=fused_calls, **kw)
+    assert loss.item() == 0.0
+    assert all(math.isfinite(v.item()) for v in metrics.values())
+    assert torch.equal(g_lp, torch.zeros_like(g_lp))
+    assert g_ent is None or torch.equal(g_ent, torch.zeros_like(g_ent))
+
+
+def test_everything_empty_rows_zero_gradient(fused_calls):
+    """Rows without tokens (and NaN / inf padding in every input) with every row option on."""
+    lp, old, adv, mask, ent, kw = build("everything_gspo", ROW_VARIANTS["everything_gspo"], 3, 7, seed=67)
+    _, _, g_lp, g_ent = check(lp, old, adv, mask, ent, calls=fused_calls, **kw)
+    out = mask == 0
+    out[-1] = True  # the truncated row
+    assert torch.equal(g_lp[out], torch.zeros_like(g_lp[out]))
+    assert torch.equal(g_ent[out], torch.zeros_like(g_ent[out]))
+
+
+# --------------------------------------------------------------------------------------------
 # empty rows, empty batches, extreme values
 
 
@@ -291,6 +418,57 @@ def test_ops_backends_agree_multi_tile(loss_type, kl, block_t):
     assert torch.equal(g_lp2, g_lp) and g_h2.numel() == 0
 
 
+OPS_ROW_CASES = {
+    "gspo_opsm": dict(loss_type="gspo", sequence_level=True, off_policy_threshold=0.01, samp=True, isr="token"),
+    "sapo_seq_topq": dict(loss_type="sapo", sequence_level=True, thr=True),
+    "vespo": dict(loss_type="vespo", isr="row", thr=True, off_policy_threshold=0.0),
+    "cispo_isr_topq": dict(loss_type="cispo", isr="token", thr=True),
+}
+
+
+@pytest.mark.parametrize("block_t", [32])
+@pytest.mark.parametrize("name", list(OPS_ROW_CASES))
+def test_ops_row_statistics_multi_tile(name, block_t):
+    """The launchers' row pass and per-token pass over several tiles (T = 130, BLOCK_T 32)
+    against the torch implementation of the ops: per token, every partial column, and the backward
+    with the three upstream row gradients (loss, entropy, entropy_q)."""
+    from posttrain_kernels.kernels import policy as kp
+
+    case = dict(OPS_ROW_CASES[name])
+    lp, old, adv, mask, ref, ent = make(3, 130, seed=71, per_token_adv=True, weights=True)
+    valid = mask != 0
+    g = torch.Generator().manual_seed(73)
+    kw = dict(sequence_level=case.pop("sequence_level", False),
+              off_policy_threshold=case.pop("off_policy_threshold", None),
+              vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5)
+    if case.pop("samp", False):
+        kw["sampling_logps"] = old + 0.2 * torch.randn(3, 130, generator=g).to(DEV)
+    isr = case.pop("isr", None)
+    if isr == "row":
+        kw["importance_sampling_ratio"] = (0.3 + torch.rand(3, generator=g)).to(DEV)
+    elif isr == "token":
+        kw["importance_sampling_ratio"] = torch.where(valid, 0.3 + torch.rand(3, 130, generator=g).to(DEV), 7.0)
+    if case.pop("thr", False):
+        kw["entropy_threshold"] = torch.quantile(ent[valid].float(), 0.5).reshape(1)
+    loss_type = case.pop("loss_type")
+    opts = (loss_type, 0.2, 1.2 if loss_type == "cispo" else 0.28, 1.3, 1.5, 1.0, 1.05, 0.1, "k3", True)
+    tok, part = kp.policy_token_loss_forward(lp, old, adv, mask, ref, ent, *opts, block_t=block_t, **kw)
+    e_tok, e_part = policy_ops.policy_token_loss_forward(lp, old, adv, mask, ref, ent, *opts, "torch", **kw)
+    torch.testing.assert_close(tok, e_tok, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part, e_part, rtol=1e-5, atol=1e-5)
+    bkw = {k: v for k, v in kw.items() if k != "sampling_logps"}
+    gl, gh, ghq = (torch.randn(3, generator=g).to(DEV) for _ in range(3))
+    g_lp, g_h = kp.policy_token_loss_backward(lp, old, adv, mask, ref, gl, gh, *opts, block_t=block_t,
+                                              partials=part, entropy=ent, grad_entropy_q=ghq, **bkw)
+    e_lp, e_h = policy_ops.policy_token_loss_backward(lp, old, adv, mask, ref, gl, gh, *opts, "torch",
+                                                      partials=e_part, entropy=ent, grad_entropy_q=ghq, **bkw)
+    torch.testing.assert_close(g_lp, e_lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_h, e_h, rtol=1e-6, atol=1e-7)
+    if kw["sequence_level"] or kw["off_policy_threshold"] is not None or loss_type == "vespo":
+        with pytest.raises(ValueError, match="^partials:"):
+            kp.policy_token_loss_backward(lp, old, adv, mask, ref, gl, None, *opts, entropy=ent, **bkw)
+
+
 def test_ops_layout_and_opcheck():
     """Kernel and op agree on the partials layout and loss kinds; the op's schema, fake and
     autograd registrations pass torch.library.opcheck."""
@@ -305,29 +483,30 @@ def test_ops_layout_and_opcheck():
     args = (lp, old, adv, mask, ref, ent, "grpo", 0.2, 0.28, None, 3.0, 1.0, 1.05, 0.1, "k3", True, "triton")
     torch.library.opcheck(policy_ops.policy_token_loss_forward, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    extra = dict(sampling_logps=old, importance_sampling_ratio=adv.abs() + 0.5,
+                 entropy_threshold=ent.detach().median().reshape(1), sequence_level=True, off_policy_threshold=0.0)
+    torch.library.opcheck(policy_ops.policy_token_loss_forward, args, extra,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 # --------------------------------------------------------------------------------------------
 # what stays on the torch path
 
 
-@pytest.mark.parametrize("kw", [
-    dict(loss_type="gspo"), dict(loss_type="luspo"), dict(loss_type="vespo"),
-    dict(loss_type="grpo", importance_sampling_level="sequence"),
-    dict(loss_type="dapo", top_entropy_quantile=0.5, entropy=True),
-    dict(loss_type="dapo", off_policy_mask_threshold=0.1),
-    dict(loss_type="dapo", importance_sampling_ratio=True),
-    dict(loss_type="dapo", float64=True),
-], ids=["gspo", "luspo", "vespo", "seq_level", "top_q", "opsm", "isr", "fp64"])
-def test_fallbacks(kw, fused_calls):
-    kw = dict(kw)
+@pytest.mark.parametrize("case", ["fp64", "empty", "mask_requires_grad"])
+def test_fallbacks(case, fused_calls):
+    """What stays on the torch path with backend="triton": float64 logps, an empty logps, and
+    float mask weights that are themselves differentiated."""
     lp, old, adv, mask, ref, ent = make(3, 7, seed=43)
-    if kw.pop("entropy", False):
-        kw["entropy"] = ent
-    if kw.pop("importance_sampling_ratio", False):
-        kw["importance_sampling_ratio"] = torch.rand(3, device=DEV)
-    if kw.pop("float64", False):
+    kw = dict(loss_type="gspo", entropy=ent, top_entropy_quantile=0.5, off_policy_mask_threshold=0.1,
+              importance_sampling_ratio=torch.rand(3, device=DEV))
+    if case == "fp64":
         lp, old = lp.double(), old.double()
+    elif case == "empty":
+        lp, old, mask = lp[:, :0], old[:, :0], mask[:, :0]
+        del kw["entropy"], kw["top_entropy_quantile"]
+    else:
+        mask = mask.float().requires_grad_(True)
     loss, metrics = policy_loss(lp, old, adv, mask, backend="triton", **kw)
     e_loss, e_metrics = policy_loss(lp, old, adv, mask, backend="torch", **kw)
     assert fused_calls == []

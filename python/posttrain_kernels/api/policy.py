@@ -7,13 +7,15 @@ the per-token loss, and one aggregation. The code below keeps that structure (ro
 per-token loss -> ``_aggregate``) in vectorized PyTorch (``_policy_loss_torch``).
 
 Fused path: when the backend resolves to ``"triton"`` (CUDA tensors with ``backend="auto"``, or
-``backend="triton"``, on CPU tensors only under ``TRITON_INTERPRET=1``) and the call is in the
-token-level subset (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` at token-level
-importance sampling; no ``top_entropy_quantile < 1``, no ``off_policy_mask_threshold``, no
-``importance_sampling_ratio``; float32/bfloat16/float16 ``logps``), the per-token math and the
-per-row sums run in one Triton kernel forward and one backward (``posttrain_kernels.ops.policy``)
-and only the O(B) aggregation and metrics run in PyTorch (``_policy_loss_fused``): same loss, same
-metrics, same gradients. Every other call runs ``_policy_loss_torch``.
+``backend="triton"``, on CPU tensors only under ``TRITON_INTERPRET=1``), every loss type and option
+runs fused: token- and sequence-level importance sampling (``gspo``, ``luspo``, any type at
+``importance_sampling_level="sequence"``), ``vespo``, the off-policy sequence mask, the entropy
+quantile and ``importance_sampling_ratio``. The row statistics (sequence-level ratio, VESPO weight,
+off-policy mask), the per-token math and the per-row sums run in one Triton kernel forward and one
+backward (``posttrain_kernels.ops.policy``); only the entropy-quantile threshold (a sort over the
+batch, before the kernel), the O(B) aggregation and the metrics run in PyTorch
+(``_policy_loss_fused``): same loss, same metrics, same gradients. Calls with float64 ``logps``, an
+empty ``logps`` or a mask that requires grad (and every other backend) run ``_policy_loss_torch``.
 """
 from __future__ import annotations
 
@@ -296,6 +298,12 @@ def _high_entropy_mask(entropy: Tensor, valid: Tensor, threshold: float) -> Tens
     """TRL's ``get_high_entropy_mask`` without a host sync: tokens whose entropy is >= the
     ``threshold``-quantile (linear interpolation, as ``torch.quantile``) of the entropies of the
     valid tokens; all False when no token is valid."""
+    return (entropy.float() >= _entropy_quantile(entropy, valid, threshold)) & valid
+
+
+def _entropy_quantile(entropy: Tensor, valid: Tensor, threshold: float) -> Tensor:
+    """The ``threshold``-quantile of :func:`_high_entropy_mask`, a (1,) float32 device tensor (inf
+    when no token is valid); no host sync."""
     flat = torch.where(valid, entropy.float(), float("inf")).reshape(-1)
     srt = torch.sort(flat).values
     n = valid.sum()
@@ -304,8 +312,7 @@ def _high_entropy_mask(entropy: Tensor, valid: Tensor, threshold: float) -> Tens
     above = rank.ceil().to(torch.long)
     v_below = srt.gather(0, below)
     v_above = srt.gather(0, above)
-    thr = torch.lerp(v_below, v_above, rank - below.to(torch.float32))
-    return (entropy.float() >= thr) & valid
+    return torch.lerp(v_below, v_above, rank - below.to(torch.float32))
 
 
 def _kl(lp: Tensor, ref: Tensor, estimator: str) -> Tensor:
@@ -502,15 +509,13 @@ def _policy_metrics(policy, kl, ent, log_ratio, coef_1, low, high, dual, m, vali
 # the fused path: per-token math and row sums in one kernel (ops/policy.py), O(B) torch after
 
 
-def _fused_backend(o: dict, logps: Tensor, mask: Tensor, importance_sampling_ratio) -> Optional[str]:
-    """The concrete backend of the fused per-token op for this call, or None for the torch path.
+def _fused_backend(o: dict, logps: Tensor, mask: Tensor) -> Optional[str]:
+    """The concrete backend of the fused op for this call, or None for the torch path.
 
     Fused: the backend resolves to ``"triton"`` (``"auto"`` with CUDA tensors, or ``"triton"``
-    asked for, which on CPU tensors needs ``TRITON_INTERPRET=1`` as everywhere in the library) and
-    the call is in the token-level, elementwise subset: loss types ``ops.policy.FUSED_LOSS_TYPES`` at
-    token-level importance sampling, no entropy quantile, no off-policy mask, no
-    ``importance_sampling_ratio``, fp32/bf16/fp16 ``logps`` with at least one element, and a mask
-    that is not itself differentiated (the torch path propagates into float mask weights).
+    asked for, which on CPU tensors needs ``TRITON_INTERPRET=1`` as everywhere in the library), for
+    every loss type, level and option, with fp32/bf16/fp16 ``logps`` of at least one element and
+    a mask that is not itself differentiated (the torch path propagates into float mask weights).
     The other backends, and ``"auto"`` on CPU tensors, return None before any resolution (nothing
     for ``torch.compile`` to trace). Metadata only: no host sync.
     """
@@ -521,9 +526,7 @@ def _fused_backend(o: dict, logps: Tensor, mask: Tensor, importance_sampling_rat
         return None
     if resolve_backend(backend, logps.device) != "triton":
         return None
-    if (o["loss_type"] not in policy_ops.FUSED_LOSS_TYPES or o["level"] != "token" or o["top_q"] < 1.0
-            or o["opsm"] is not None or importance_sampling_ratio is not None
-            or logps.dtype == torch.float64 or logps.numel() == 0
+    if (o["loss_type"] not in policy_ops.FUSED_LOSS_TYPES or logps.dtype == torch.float64 or logps.numel() == 0
             or (mask.requires_grad and torch.is_grad_enabled())):
         return None
     return "triton"
@@ -547,46 +550,86 @@ def _aggregate_rows(row_loss: Tensor, row_m: Tensor, agg: str, norm_count, max_l
     return loss / ga if ga != 1 else loss
 
 
-def _policy_loss_fused(logps, old_logps, advantages, mask, ref_logps, entropy, is_truncated, count, o,
-                       backend: str):
+def _policy_loss_fused(logps, old_logps, advantages, mask, ref_logps, entropy, sampling_logps,
+                       importance_sampling_ratio, is_truncated, count, o, backend: str):
     """:func:`_policy_loss_torch` for the calls :func:`_fused_backend` accepts: the per-token loss and
-    the per-row sums from ``posttrain_kernels::policy_token_loss_forward``, the aggregation (whose
-    gradient is a per-row scale of each token's loss) and the metrics from the (B, 10) sums."""
+    the per-row sums from ``posttrain_kernels::policy_token_loss_forward`` (row statistics included),
+    the aggregation (whose gradient is a per-row scale of each token's loss) and the metrics from
+    the (B, NSTAT) sums. The entropy-quantile threshold is computed here, on the device, before the
+    kernel (a quantile over the whole batch)."""
     b, t = logps.shape
-    if is_truncated is not None:  # truncated completions leave the loss and the counts
+    if is_truncated is not None:  # truncated completions leave the loss, the counts and the quantile
         mask = mask.masked_fill(is_truncated.unsqueeze(1), 0)
     bonus = o["entropy_coef"] != 0.0
     ent_in = None if entropy is None else (entropy if bonus else entropy.detach())
+    ent_thr = None
+    if o["top_q"] < 1.0:
+        valid = mask if mask.dtype == torch.bool else mask != 0
+        ent_thr = _entropy_quantile(entropy.detach(), valid, 1.0 - o["top_q"])
+    seq = o["level"] == "sequence"
     _, part = policy_ops.policy_token_loss_forward(
         logps, None if old_logps is None else old_logps.detach(), advantages.detach(), mask,
         None if ref_logps is None else ref_logps.detach(), ent_in, o["loss_type"], o["eps_low"], o["eps_high"],
         o["delta"], o["clip_ratio_c"], o["sapo_pos"], o["sapo_neg"], o["beta"], o["kl_estimator"], o["bias_kl"],
-        backend)
+        backend,
+        sampling_logps=(None if sampling_logps is None or o["opsm"] is None else sampling_logps.detach()),
+        importance_sampling_ratio=(None if importance_sampling_ratio is None
+                                   else importance_sampling_ratio.detach()),
+        entropy_threshold=ent_thr, sequence_level=seq, off_policy_threshold=o["opsm"],
+        vespo_k_pos=o["k_pos"], vespo_lambda_pos=o["lam_pos"], vespo_k_neg=o["k_neg"],
+        vespo_lambda_neg=o["lam_neg"])
     col = policy_ops.COL
     stats = part.detach()
     row_m = stats[:, col["mask"]]
     norm_count = count if o["global_count"] else None
     loss = _aggregate_rows(part[:, col["loss"]], row_m, o["agg"], norm_count, o["max_len"], o["ga"], b, t)
     policy = loss
-    if bonus:
-        h = part[:, col["entropy"]].sum() / row_m.sum().clamp(min=1.0)
+    if bonus:  # over the high-entropy tokens with top_entropy_quantile < 1 (entropy_q = entropy else)
+        h = part[:, col["entropy_q"]].sum() / stats[:, col["mask_q"]].sum().clamp(min=1.0)
         if o["ga"] != 1:
             h = h / o["ga"]
         loss = loss - o["entropy_coef"] * h
-    return loss, _fused_metrics(policy, stats, o, ref_logps is not None, entropy is not None)
+    return loss, _fused_metrics(policy, stats, o, ref_logps is not None, entropy is not None, advantages, t)
 
 
-def _fused_metrics(policy: Tensor, stats: Tensor, o: dict, has_ref: bool, has_entropy: bool) -> Dict[str, Tensor]:
-    """:func:`_policy_metrics` (token level) from the per-row sums of ``ops.policy.PARTIAL_COLUMNS``."""
+def _row_flags(ratio: Tensor, adv: Tensor, o: dict) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(low, high, dual) per row (B,) bool, from the row's ratio and advantage: the clip flags of
+    :func:`_policy_loss_torch` at sequence level when they are one per row; None where a loss type
+    has none."""
+    low = high = dual = None
+    if o["clipped"]:
+        lo, hi = 1.0 - o["eps_low"], 1.0 + o["eps_high"]
+        c1 = ratio if o["delta"] is None else ratio.clamp(max=o["delta"])
+        if o["clip_ratio_c"] is not None:
+            per_row = -torch.min(c1 * adv, ratio.clamp(lo, hi) * adv)
+            dual = (adv < 0) & (per_row > -adv * o["clip_ratio_c"])
+        low = (c1 < lo) & (adv < 0)
+        high = (c1 > hi) & (adv > 0)
+    elif o["base"] == "cispo":
+        high = (ratio > o["eps_high"]) & (adv > 0)
+    return low, high, dual
+
+
+def _fused_metrics(policy: Tensor, stats: Tensor, o: dict, has_ref: bool, has_entropy: bool, advantages: Tensor,
+                   t: int) -> Dict[str, Tensor]:
+    """:func:`_policy_metrics` from the per-row sums of ``ops.policy.PARTIAL_COLUMNS``.
+
+    At sequence level, the quantities that are one per row in the torch path (the ratio; the clip
+    flags when the advantages are one per row; every per-token quantity when T = 1) are averaged
+    over all B rows, as TRL's ``masked_batch_mean`` does; the rest over the tokens."""
     col = policy_ops.COL
     with torch.no_grad():
+        b = stats.shape[0]
         zero = torch.zeros((), dtype=torch.float32, device=stats.device)
         tot = stats.sum(dim=0)
         denom = tot[col["mask"]].clamp(min=1.0)
         row_denom = stats[:, col["mask"]].clamp(min=1.0)
         ok = stats[:, col["count"]] > 0  # rows with tokens
+        seq = o["level"] == "sequence"
 
         def mean(name: str) -> Tensor:
+            if seq and t == 1:  # one token per row: the row's value, averaged over all rows
+                return torch.where(ok, stats[:, col[name]] / stats[:, col["mask"]], 0.0).sum() / b
             return tot[col[name]] / denom
 
         def row_extreme(name: str, largest: bool) -> Tensor:
@@ -595,24 +638,45 @@ def _fused_metrics(policy: Tensor, stats: Tensor, o: dict, has_ref: bool, has_en
             return torch.where(ok.any(), v, 0.0)
 
         clipped, cispo = o["clipped"], o["base"] == "cispo"
-        if clipped:
-            region = (tot[col["clip_low"]] + tot[col["clip_high"]]) / denom  # low, high: A < 0, A > 0
-        else:
-            region = mean("clip_high") if cispo else zero
         out = {
             "policy_loss": policy.detach(),
             "kl": mean("kl") if has_ref else zero,
             "entropy": mean("entropy") if has_entropy else zero,
             "approx_kl": -tot[col["log_ratio"]] / denom,
-            "ratio_mean": mean("ratio"),
-            "clip_ratio/low_mean": mean("clip_low") if clipped else zero,
-            "clip_ratio/high_mean": mean("clip_high") if clipped or cispo else zero,
-            "clip_ratio/region_mean": region,
-            "clip_ratio/low_min": row_extreme("clip_low", largest=False) if clipped else zero,
-            "clip_ratio/high_max": row_extreme("clip_high", largest=True) if clipped or cispo else zero,
-            "clip_ratio/dual_mean": mean("clip_dual") if o["clip_ratio_c"] is not None else zero,
+            "ratio_mean": stats[:, col["ratio"]].sum() / b if seq else mean("ratio"),
         }
-        return {k: v.to(torch.float32) for k, v in out.items()}
+        if seq and (advantages.dim() == 1 or advantages.shape[1] == 1 or t == 1):
+            # one advantage per row: the flags are one per row (B, 1) in the torch path
+            adv = advantages.detach().to(torch.float32).reshape(b, -1)[:, 0]
+            adv = torch.where(ok, adv, 0.0)
+            low, high, dual = _row_flags(stats[:, col["ratio"]], adv, o)
+
+            def rmean(x):
+                return zero if x is None else x.to(torch.float32).sum() / b
+
+            region = None if low is None and high is None else (high if low is None else low | high)
+            out.update({
+                "clip_ratio/low_mean": rmean(low),
+                "clip_ratio/high_mean": rmean(high),
+                "clip_ratio/region_mean": rmean(region),
+                "clip_ratio/low_min": zero if low is None else low.to(torch.float32).amin(),
+                "clip_ratio/high_max": zero if high is None else high.to(torch.float32).amax(),
+                "clip_ratio/dual_mean": rmean(dual),
+            })
+        else:
+            if clipped:
+                region = (tot[col["clip_low"]] + tot[col["clip_high"]]) / denom  # low, high: A < 0, A > 0
+            else:
+                region = mean("clip_high") if cispo else zero
+            out.update({
+                "clip_ratio/low_mean": mean("clip_low") if clipped else zero,
+                "clip_ratio/high_mean": mean("clip_high") if clipped or cispo else zero,
+                "clip_ratio/region_mean": region,
+                "clip_ratio/low_min": row_extreme("clip_low", largest=False) if clipped else zero,
+                "clip_ratio/high_max": row_extreme("clip_high", largest=True) if clipped or cispo else zero,
+                "clip_ratio/dual_mean": mean("clip_dual") if o["clip_ratio_c"] is not None else zero,
+            })
+        return {k: out[k].to(torch.float32) for k in POLICY_METRIC_KEYS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,12 +801,12 @@ def policy_loss(
             it, as TRL does (``current_gradient_accumulation_steps``); default 1.
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch" | "reference"`` (resolved as
             everywhere in the library: ``"auto"`` is Triton for CUDA tensors). ``"triton"`` fuses
-            the per-token math into one Triton kernel forward and one backward for ``grpo``,
-            ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo`` and ``sapo`` at token level without
-            ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-            ``importance_sampling_ratio`` or float64 ``logps`` (same numbers); those calls, the
-            sequence-level types (``gspo``, ``luspo``), ``vespo`` and the other backends run the
-            vectorized PyTorch implementation.
+            the row statistics (sequence-level ratio, VESPO weight, off-policy mask) and the
+            per-token math into one Triton kernel forward and one backward for every loss type,
+            level and option (the entropy-quantile threshold, a sort over the batch, runs in
+            PyTorch before the kernel; same numbers); float64 ``logps``, an empty ``logps``, a
+            mask that requires grad and the other backends run the vectorized PyTorch
+            implementation.
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-d float32 tensor (float64 for float64 ``logps``),
@@ -848,10 +912,10 @@ def _policy_loss_checked(o: dict, logps, old_logps, advantages, mask, *, ref_log
     if o["top_q"] < 1.0 and entropy is None:
         raise ValueError(f"entropy: required when top_entropy_quantile < 1, got None with "
                          f"top_entropy_quantile={o['top_q']!r}")
-    fused = _fused_backend(o, logps, mask, importance_sampling_ratio)
+    fused = _fused_backend(o, logps, mask)
     if fused is not None:
-        return _policy_loss_fused(logps, old_logps, advantages, mask, ref_logps, entropy, is_truncated, count,
-                                  o, fused)
+        return _policy_loss_fused(logps, old_logps, advantages, mask, ref_logps, entropy, sampling_logps,
+                                  importance_sampling_ratio, is_truncated, count, o, fused)
     return _policy_loss_torch(logps, old_logps, advantages, mask, ref_logps, entropy, sampling_logps,
                               importance_sampling_ratio, is_truncated, count, o)
 
