@@ -2,9 +2,10 @@
 
 Every (kernel, constexpr flags, logits dtype) of the token log-prob ``aot_specs()`` -- with the
 BLOCK_V / num_warps the launchers pick at vocab 128256 -- and of the policy-loss ``aot_specs()``
-(BLOCK_T at 8192 tokens) goes through ``triton.compile(ASTSource(...), GPUTarget(...))``
-down to PTX, which catches what the interpreter forgives (types, layouts, unsupported ops); the
-bundled ``ptxas -v`` then reports registers and spills, and any spill fails the test.
+(BLOCK_T at 8192 tokens) and of the distillation ``aot_specs()`` (vocab 128256) goes through
+``triton.compile(ASTSource(...), GPUTarget(...))`` down to PTX, which catches what the interpreter
+forgives (types, layouts, unsupported ops); the bundled ``ptxas -v`` then reports registers and
+spills, and any spill fails the test.
 
 Compilation runs in a subprocess without TRITON_INTERPRET: the interpreter test module sets it for
 the whole session, and under it ``@triton.jit`` returns an InterpretedFunction, not a JITFunction.
@@ -38,17 +39,19 @@ VOCAB = 128256
 _COMPILE_SCRIPT = r"""
 import json, os, sys
 try:
-    from posttrain_kernels.kernels import policy as pk, token_logprobs as tk
+    from posttrain_kernels.kernels import distill as dk, policy as pk, token_logprobs as tk
 except ImportError:
-    from kernels import policy as pk, token_logprobs as tk
+    from kernels import distill as dk, policy as pk, token_logprobs as tk
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 out_dir, vocab, caps = sys.argv[1], int(sys.argv[2]), [int(c) for c in sys.argv[3:]]
 # the integers the JIT would see as multiples of 16 at this vocab (contiguous logits / grads)
-div16_ints = {"stride_logits_row", "V"} if vocab % 16 == 0 else set()
-for i, (kernel, signature, constexprs, num_warps) in enumerate(tk.aot_specs(vocab) + pk.aot_specs()):
+div16_ints = ({"stride_logits_row", "stride_student_row", "stride_teacher_row", "V"} if vocab % 16 == 0
+              else set())
+specs = tk.aot_specs(vocab) + pk.aot_specs() + dk.aot_specs(vocab)
+for i, (kernel, signature, constexprs, num_warps) in enumerate(specs):
     names = list(signature)
     # pointers 16-byte aligned, as the JIT specializes them for torch allocations
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, ty in signature.items()
@@ -57,7 +60,7 @@ for i, (kernel, signature, constexprs, num_warps) in enumerate(tk.aot_specs(voca
     for cap in caps:
         src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
-        dtype = signature.get("logits_ptr", signature.get("logps_ptr"))[1:]
+        dtype = signature.get("logits_ptr", signature.get("logps_ptr", signature.get("student_ptr")))[1:]
         block = constexprs.get("BLOCK_V", constexprs.get("BLOCK_T"))
         # integer constexpr flags (K == 1, LOSS, KL_EST) by value, boolean ones by name when set
         ints = [k.lower() + str(v) for k, v in constexprs.items()
@@ -123,8 +126,9 @@ def test_aot_compile_no_spills(compiled, cap):
     records = [r for r in compiled if r["cap"] == cap]
     # 2 dtypes x (2 K specializations x (2 fwd entropy flags + 3 bwd grad-flag combinations)
     #             + 3 cross-entropy kernels (fwd, bwd, fused) x 2 softcap flags)
-    # + policy loss: 2 dtypes x 9 flag combinations x (fwd, bwd)
-    assert len(records) == 32 + 36, [r["tag"] for r in records]
+    # + policy loss: 2 dtypes x 15 flag combinations x (fwd, bwd)
+    # + distillation: 2 dtypes x 6 divergences x (fwd, bwd)
+    assert len(records) == 32 + 60 + 24, [r["tag"] for r in records]
     assert len({r["tag"] for r in records}) == len(records)
     lines, spilled = [], []
     for r in records:

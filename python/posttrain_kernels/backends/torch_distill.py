@@ -85,7 +85,9 @@ def _row_terms(ls: Tensor, lt: Tensor, divergence: int, beta: float) -> Tuple[Te
         alpha = beta
         lr = torch.logaddexp(lt + math.log(alpha), ls + math.log1p(-alpha)) if 0 < alpha < 1 else (
             lt if alpha == 1 else ls)
-        return _xlogy(q, lt - lr).sum(-1), -(1 - alpha) * torch.exp(lt - lr)
+        # q / r, 0 where q == 0 (also where r == 0 too: alpha == 1 with q == 0 < p)
+        ratio = torch.where(q > 0, torch.exp(lt - lr), torch.zeros_like(q))
+        return _xlogy(q, lt - lr).sum(-1), -(1 - alpha) * ratio
     if divergence == 4:
         alpha = beta
         lr = torch.logaddexp(ls + math.log(alpha), lt + math.log1p(-alpha)) if 0 < alpha < 1 else (
