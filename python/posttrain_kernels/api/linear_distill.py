@@ -52,7 +52,8 @@ def linear_distill_loss(
         divergence, beta, temperature, reduction: as :func:`distill_loss` (the scalar reductions;
             the common vocabulary prefix ``min(Vs, Vt)`` is compared).
         chunk_size: token rows per chunk; default from ``POSTTRAIN_KERNELS_CHUNK_BYTES`` for the
-            chunk's three ``rows x V`` fp32 buffers (student logits, teacher logits, gradient).
+            chunk's ``rows x V`` fp32 buffers (student logits, which then hold the divergence's
+            gradient, and teacher logits; a third for the gradient with the hard-label term).
 
     Returns:
         fp32 scalar, differentiable in ``student_hidden``, ``student_weight``, ``student_bias``.
@@ -116,7 +117,10 @@ def linear_distill_loss(
         soft_scale = 1.0 / (kept if kept is not None else torch.tensor(float(max(lead0, 1)), device=dev))
     soft_scale = (soft_scale * (1 - w)).to(torch.float32).reshape(())
     hard_scale = (w / kept if kept is not None else torch.zeros((), device=dev)).to(torch.float32).reshape(())
-    chunk = chunk_size or max(1, chunk_budget() // (4 * 3 * max(vs, vt)))
+    # the chunk's fp32 buffers: student and teacher logits, and a gradient buffer unless the
+    # divergence's gradient is written over the student's logits (no hard-label term, Vs <= Vt)
+    n_buffers = 2 if (w == 0 and vs <= vt) else 3
+    chunk = chunk_size or max(1, chunk_budget() // (4 * n_buffers * max(vs, vt)))
     with torch.autocast(dev.type, enabled=False):
         return LinearDistillLoss.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
                                        soft_scale, hard_scale, bool(w > 0), DIVERGENCE_CODES[divergence], beta,

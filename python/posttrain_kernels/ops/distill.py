@@ -58,3 +58,18 @@ def _backward(ctx, grad_loss, _grad_stats):
 
 
 distill_forward.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("posttrain_kernels::distill_backward_", mutates_args=("student",))
+def distill_backward_(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                      divergence: int, beta: float, inv_temperature: float, stats: Tensor, grad_loss: Tensor,
+                      backend: str) -> None:
+    """``distill_backward`` written over ``student`` (contiguous; the fused-linear loss's own chunk
+    buffer, never a caller's tensor): each tile of a row is read before its gradient is stored."""
+    distill_launchers(backend).distill_backward(student, teacher, labels, ignore_index, divergence, beta,
+                                                inv_temperature, stats, grad_loss, out=student)
+
+
+@distill_backward_.register_fake
+def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats, grad_loss, backend):
+    return None

@@ -55,8 +55,14 @@ class LinearDistillLoss(torch.autograd.Function):
             g = None
             if grads is not None:
                 row_grad = soft_scale.expand(per.shape[0]).contiguous()
-                g = distill_ops.distill_backward(zs_v, zt_v, lab, ignore_index, divergence, beta, inv_t, stats,
-                                                 row_grad, backend)
+                if not use_hard and zs.shape[1] == v:
+                    # the gradient written over the student's logits: two chunk buffers, not three
+                    distill_ops.distill_backward_(zs, zt_v, lab, ignore_index, divergence, beta, inv_t, stats,
+                                                  row_grad, backend)
+                    g = zs
+                else:
+                    g = distill_ops.distill_backward(zs_v, zt_v, lab, ignore_index, divergence, beta, inv_t,
+                                                     stats, row_grad, backend)
             del zt, zt_v
             if use_hard:
                 hard_grad = hard_scale.expand(zs.shape[0]).contiguous()
@@ -68,7 +74,7 @@ class LinearDistillLoss(torch.autograd.Function):
                 if grads is not None:
                     zs[:, :v] += g  # zs now holds the cross-entropy gradient: add the divergence's
                     g = zs
-            elif grads is not None and v < zs.shape[1]:
+            elif g is not zs and grads is not None and v < zs.shape[1]:
                 zs[:, :v].copy_(g)  # the student's columns beyond the teacher's get no gradient
                 zs[:, v:] = 0
                 g = zs
