@@ -124,6 +124,79 @@ class NativeBackend:
             _ptr(lse))
         return loss, lse
 
+    # Distillation family: the contract is the docstring of backends/torch_distill.py.
+
+    def _distill_operands(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor]):
+        if self.suffix != "cpu":
+            raise NotImplementedError(
+                f"posttrain_kernels: the distillation kernels have no {self.suffix!r} build yet; use "
+                "backend='triton' or 'torch' for CUDA tensors")
+        if teacher.dtype != student.dtype:
+            raise TypeError(f"teacher: expected the dtype of student ({student.dtype}), got {teacher.dtype}")
+        if student.dtype not in DTYPE_CODES:
+            raise TypeError(f"student: expected float32, bfloat16 or float16, got {student.dtype}")
+        if teacher.shape != student.shape or student.dim() != 2:
+            raise ValueError(f"teacher: expected the 2-D shape of student {tuple(student.shape)}, "
+                             f"got {tuple(teacher.shape)}")
+        # the kernels need unit stride along V (any row stride)
+        student = student if student.stride(-1) == 1 else student.contiguous()
+        teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+        if labels is not None:
+            labels = labels.to(torch.int64).contiguous()  # read densely, (N,)
+        return student, teacher, labels
+
+    def distill_forward(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                        divergence: int, beta: float, inv_temperature: float) -> Tuple[Tensor, Tensor]:
+        student, teacher, labels = self._distill_operands(student, teacher, labels)
+        n, v = student.shape
+        f32 = dict(device=student.device, dtype=torch.float32)
+        loss = torch.empty((n,), **f32)
+        stats = torch.empty((n, 3), **f32)
+        self._fn("distill_forward")(
+            _ptr(student), _ptr(teacher), DTYPE_CODES[student.dtype], n, v, student.stride(0),
+            teacher.stride(0), _ptr(labels), int(ignore_index), int(divergence), float(beta),
+            float(inv_temperature), _ptr(loss), _ptr(stats))
+        return loss, stats
+
+    def distill_backward(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                         divergence: int, beta: float, inv_temperature: float, stats: Tensor, grad_loss: Tensor,
+                         out: Optional[Tensor] = None) -> Tensor:
+        student, teacher, labels = self._distill_operands(student, teacher, labels)
+        n, v = student.shape
+        if tuple(stats.shape) != (n, 3) or tuple(grad_loss.shape) != (n,):
+            raise ValueError(f"stats, grad_loss: expected shapes ({n}, 3) and ({n},), got "
+                             f"{tuple(stats.shape)} and {tuple(grad_loss.shape)}")
+        stats = stats.to(torch.float32).contiguous()
+        grad_loss = grad_loss.to(torch.float32).contiguous()  # the kernel reads it densely
+        grad = out if self._distill_out_ok(out, student, teacher) else torch.empty(
+            (n, v), device=student.device, dtype=student.dtype)
+        self._fn("distill_backward")(
+            _ptr(student), _ptr(teacher), DTYPE_CODES[student.dtype], n, v, student.stride(0),
+            teacher.stride(0), _ptr(labels), int(ignore_index), int(divergence), float(beta),
+            float(inv_temperature), _ptr(stats), _ptr(grad_loss), _ptr(grad))
+        return self._finish(grad, out)
+
+    @staticmethod
+    def _distill_out_ok(out: Optional[Tensor], student: Tensor, teacher: Tensor) -> bool:
+        """Whether the kernel may write into ``out`` directly (else a new buffer, copied into it):
+        contiguous, the student's shape, dtype and device, and either aliasing neither input or
+        being exactly one of them (in place: every element is read before its gradient is written)."""
+        if out is None or not out.is_contiguous() or out.dtype != student.dtype or \
+                out.shape != student.shape or out.device != student.device:
+            return False
+        for t in (student, teacher):
+            if t.numel() == 0 or out.numel() == 0:
+                continue
+            if t.data_ptr() == out.data_ptr() and t.stride() == out.stride():
+                continue  # exactly in place
+            t_lo = t.data_ptr()
+            t_hi = t_lo + ((t.shape[0] - 1) * t.stride(0) + t.shape[1]) * t.element_size()
+            o_lo = out.data_ptr()
+            o_hi = o_lo + out.numel() * out.element_size()
+            if t_lo < o_hi and o_lo < t_hi:
+                return False
+        return True
+
     def _grad_buffer(self, logits: Tensor, out: Optional[Tensor]) -> Tensor:
         # The CUDA kernels take their pointers as __restrict__: an in-place request gets a new
         # buffer there, copied over the logits afterwards (same result, no memory saved).
