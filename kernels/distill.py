@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import jit_like
+
 __all__ = [
     "distill_forward",
     "distill_backward",
@@ -475,14 +477,6 @@ def distill_backward(student: torch.Tensor, teacher: torch.Tensor, labels: Optio
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit_like(signature: Dict[str, str], ones: Tuple[str, ...]) -> Tuple[Dict[str, str], Dict[str, int]]:
-    """Mark the integer arguments the JIT would see equal to 1 as constexpr 1 (it specializes them)."""
-    sig = dict(signature)
-    consts = {}
-    for name in ones:
-        sig[name] = "constexpr"
-        consts[name] = 1
-    return sig, consts
 
 
 def aot_specs(vocab: int = 128256,
@@ -498,7 +492,7 @@ def aot_specs(vocab: int = 128256,
     for dt in dtypes:
         lg = "*" + dt
         for code in sorted(DIVERGENCE_CODES.values()):
-            sig, consts = _jit_like({
+            sig, consts = jit_like({
                 "student_ptr": lg, "teacher_ptr": lg, "labels_ptr": "*i64", "loss_ptr": "*fp32",
                 "stats_ptr": "*fp32", "stride_student_row": "i32", "stride_teacher_row": "i32",
                 "stride_labels": "i32", "V": "i32", "inv_t": "fp32", "w": "fp32", "log_w": "fp32",
@@ -507,7 +501,7 @@ def aot_specs(vocab: int = 128256,
             }, ("stride_labels",))
             consts.update(BLOCK_V=block_v, DIV=code, HAS_LABELS=True)
             specs.append((_distill_fwd_kernel, sig, consts, num_warps))
-            sig, consts = _jit_like({
+            sig, consts = jit_like({
                 "student_ptr": lg, "teacher_ptr": lg, "labels_ptr": "*i64", "stats_ptr": "*fp32",
                 "grad_loss_ptr": "*fp32", "grad_ptr": lg, "stride_student_row": "i32",
                 "stride_teacher_row": "i32", "stride_labels": "i32", "stride_stats_row": "i32",

@@ -62,6 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import jit_like
+
 __all__ = [
     "policy_token_loss_forward",
     "policy_token_loss_backward",
@@ -932,14 +934,6 @@ def policy_token_loss_backward(
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit_like(signature: Dict[str, str], ones: Tuple[str, ...]) -> Tuple[Dict[str, str], Dict[str, int]]:
-    """Mark the integer arguments the JIT would see equal to 1 as constexpr 1 (it specializes them)."""
-    sig = dict(signature)
-    consts = {}
-    for name in ones:
-        sig[name] = "constexpr"
-        consts[name] = 1
-    return sig, consts
 
 
 def _flags(loss, dual=False, old=False, ref=False, kl_est=2, bias=False, ent=False, seq=False, opsm=False,
@@ -979,7 +973,7 @@ def aot_specs(seq_len: int = 8192,
     for dt in dtypes:
         lp = "*" + dt
         for flags in _AOT_FLAGS:
-            sig, consts = _jit_like({
+            sig, consts = jit_like({
                 "logps_ptr": lp, "old_ptr": lp, "adv_ptr": "*fp32", "mask_ptr": "*u8", "ref_ptr": lp,
                 "ent_ptr": lp, "samp_ptr": lp, "isr_ptr": "*fp32", "ent_thr_ptr": "*fp32",
                 "tok_ptr": "*fp32", "part_ptr": "*fp32",
@@ -994,7 +988,7 @@ def aot_specs(seq_len: int = 8192,
             consts.update(flags, BLOCK_T=block_t)
             specs.append((_policy_fwd_kernel, sig, consts, num_warps))
             bwd_flags = {k: v for k, v in flags.items() if k != "HAS_ENT"}
-            sig, consts = _jit_like({
+            sig, consts = jit_like({
                 "logps_ptr": lp, "old_ptr": lp, "adv_ptr": "*fp32", "mask_ptr": "*u8", "ref_ptr": lp,
                 "ent_ptr": lp, "isr_ptr": "*fp32", "ent_thr_ptr": "*fp32", "part_ptr": "*fp32",
                 "grad_loss_ptr": "*fp32", "grad_ent_ptr": "*fp32", "grad_entq_ptr": "*fp32",

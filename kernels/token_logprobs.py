@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import jit_like
+
 __all__ = [
     "token_logprobs_forward",
     "token_logprobs_backward",
@@ -695,14 +697,6 @@ def _grad_buffer(logits: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Ten
 
 
 
-def _jit_like(signature: Dict[str, str], ones: Tuple[str, ...]) -> Tuple[Dict[str, str], Dict[str, int]]:
-    """Mark the integer arguments the JIT would see equal to 1 as constexpr 1 (it specializes them)."""
-    sig = dict(signature)
-    consts = {}
-    for name in ones:
-        sig[name] = "constexpr"
-        consts[name] = 1
-    return sig, consts
 
 
 def aot_specs(vocab: int = 128256,
@@ -726,7 +720,7 @@ def aot_specs(vocab: int = 128256,
             # contiguous labels [N, K]: stride_labels_k == 1; with K == 1 also stride_labels_row == 1
             k_ones = ("K", "stride_labels_row") if k_is_one else ()
             for has_entropy in (False, True):
-                sig, consts = _jit_like({
+                sig, consts = jit_like({
                     "logits_ptr": lg, "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
                     "lse_ptr": "*fp32", "stride_logits_row": "i32", "stride_labels_row": "i32",
                     "stride_labels_k": "i32", "V": "i32", "K": "i32", "inv_t": "fp32", "ignore_index": "i32",
@@ -739,7 +733,7 @@ def aot_specs(vocab: int = 128256,
                 ones = ("stride_labels_k", "stride_glogp_k", "stride_gent") + k_ones
                 if k_is_one:
                     ones += ("stride_glogp_row",)
-                sig, consts = _jit_like({
+                sig, consts = jit_like({
                     "logits_ptr": lg, "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
                     "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_logits_ptr": lg,
                     "stride_logits_row": "i32", "stride_labels_row": "i32", "stride_labels_k": "i32",
@@ -750,7 +744,7 @@ def aot_specs(vocab: int = 128256,
                 consts.update(BLOCK_V=block_v, HAS_GRAD_LOGP=has_glogp, HAS_GRAD_ENTROPY=has_gent)
                 specs.append((_token_logprobs_bwd_kernel, sig, consts, num_warps))
         for has_softcap in (False, True):
-            sig, consts = _jit_like({
+            sig, consts = jit_like({
                 "logits_ptr": lg, "labels_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
                 "stride_logits_row": "i32", "stride_labels": "i32", "V": "i32", "ignore_index": "i32",
                 "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32", "inv_softcap": "fp32",
@@ -758,7 +752,7 @@ def aot_specs(vocab: int = 128256,
             }, ("stride_labels",))
             consts.update(BLOCK_V=block_v, HAS_SOFTCAP=has_softcap)
             specs.append((_cross_entropy_fwd_kernel, sig, consts, num_warps))
-            sig, consts = _jit_like({
+            sig, consts = jit_like({
                 "logits_ptr": lg, "labels_ptr": "*i64", "lse_ptr": "*fp32", "grad_loss_ptr": "*fp32",
                 "grad_logits_ptr": lg, "stride_logits_row": "i32", "stride_labels": "i32",
                 "stride_gloss": "i32", "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
@@ -767,7 +761,7 @@ def aot_specs(vocab: int = 128256,
             }, ("stride_labels", "stride_gloss"))
             consts.update(BLOCK_V=block_v, HAS_SOFTCAP=has_softcap)
             specs.append((_cross_entropy_bwd_kernel, sig, consts, num_warps))
-            sig, consts = _jit_like({
+            sig, consts = jit_like({
                 "logits_ptr": lg, "labels_ptr": "*i64", "grad_loss_ptr": "*fp32", "loss_ptr": "*fp32",
                 "lse_ptr": "*fp32", "stride_labels": "i32", "stride_gloss": "i32", "V": "i32",
                 "ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32",
