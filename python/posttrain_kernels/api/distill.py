@@ -29,6 +29,26 @@ def _check_beta(divergence: str, beta: float) -> float:
     return beta
 
 
+def _reduce(per: Tensor, kept: Optional[Tensor], classes: int, first_dim: int, reduction: str,
+            num_items_in_batch) -> Tensor:
+    """TRL's reductions of the per-token divergences ``per`` (0 where left out): ``kept`` the number
+    of kept tokens (None without labels), ``classes`` the size of the compared distributions,
+    ``first_dim`` the inputs' first dimension (``batchmean``'s denominator without labels)."""
+    if reduction == "none" and num_items_in_batch is None:
+        return per
+    total = per.sum()
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        n = kept if kept is not None else per.numel()
+        return total / ((n * classes).clamp_min(1) if isinstance(n, Tensor) else max(n * classes, 1))
+    if kept is not None:  # batchmean
+        return total / kept.clamp_min(1)
+    return total / max(first_dim, 1)
+
+
 def distill_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -113,21 +133,8 @@ def distill_loss(
     per, _ = ops.distill_forward(s, t, lab, int(ignore_index), DIVERGENCE_CODES[divergence], beta, 1.0 / temperature,
                                  name)
     lead = student_logits.shape[:-1]
-    if reduction == "none" and num_items_in_batch is None:
-        return per.reshape(lead)
-    total = per.sum()
-    if num_items_in_batch is not None:
-        return total / num_items_in_batch
-    if reduction == "sum":
-        return total
-    kept = (lab != ignore_index).sum() if lab is not None else None
-    if reduction == "mean":
-        n = kept if kept is not None else per.numel()
-        return total / ((n * v).clamp_min(1) if isinstance(n, Tensor) else max(n * v, 1))
-    # batchmean
-    if kept is not None:
-        return total / kept.clamp_min(1)
-    return total / max(student_logits.shape[0], 1)
+    kept = None if lab is None else (lab != ignore_index).sum()
+    return _reduce(per.reshape(lead), kept, v, student_logits.shape[0], reduction, num_items_in_batch)
 
 
 TOPK_TAILS = ("renormalize", "bucket")
@@ -215,17 +222,4 @@ def topk_distill_loss(
         keep = labels != ignore_index
         per = torch.where(keep, per, torch.zeros_like(per))
         kept = keep.sum()
-    if reduction == "none" and num_items_in_batch is None:
-        return per
-    total = per.sum()
-    if num_items_in_batch is not None:
-        return total / num_items_in_batch
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        n = kept if kept is not None else per.numel()
-        classes = lp.shape[-1]
-        return total / ((n * classes).clamp_min(1) if isinstance(n, Tensor) else max(n * classes, 1))
-    if kept is not None:
-        return total / kept.clamp_min(1)
-    return total / max(student_logits.shape[0], 1)
+    return _reduce(per, kept, lp.shape[-1], student_logits.shape[0], reduction, num_items_in_batch)
