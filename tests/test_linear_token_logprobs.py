@@ -184,11 +184,11 @@ def test_peak_memory_scales_with_chunk_not_tokens():
     grads = v * h * 4 + 4096 * h * 4  # the fp32 weight gradient (accumulated in place) and grad hidden
     # 8x the tokens, the same chunk: the peak must not grow with the tokens (materialized logits
     # alone would be 4096 x 32000 x 4 bytes = 500 MiB). Besides the gradients: one chunk buffer
-    # (the gradient is written over the logits), its loss/lse vectors, and BLAS packing workspace.
-    blas_workspace = 16 * 2**20
-    assert p_large < grads + 2 * chunk_bytes + blas_workspace, (p_small, p_large)
-    # growth from 512 to 4096 tokens: grad hidden and per-token vectors, plus allocator / thread
-    # workspace noise; materialized logits would grow by 3584 x 32000 x 4 bytes = 437 MiB
+    # (the gradient is written over the logits), its loss/lse vectors, BLAS packing workspace, and
+    # what the machine adds to any call's resident set (thread arenas, transparent huge pages): a CI
+    # machine measured 65 MiB at both 512 and 4096 tokens, where this one measures 25 MiB.
+    environment_slack = 64 * 2**20
+    assert p_large < grads + 2 * chunk_bytes + environment_slack, (p_small, p_large)
     assert p_large - p_small < (4096 - 512) * h * 4 * 2 + 16 * 2**20, (p_small, p_large)
 
 

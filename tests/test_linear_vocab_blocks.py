@@ -203,6 +203,19 @@ def test_peak_memory_has_no_fp32_weight_accumulator(monkeypatch):
         pytest.skip("peak RSS not measurable here")
     grads = (v * h + n * h) * 2
     accumulator = v * h * 4
-    allocator_and_blas = 16 * 2**20
-    assert peak - grads < budget + n * h * 4 * 2 + allocator_and_blas, peak / 2**20
-    assert peak - grads < accumulator, peak / 2**20
+    # what the machine adds to any call's resident set (allocator arenas, BLAS workspace, transparent
+    # huge pages) varies between machines: the absolute bound allows for it, and the comparison below
+    # with the token-chunked schedule, measured in the same process, is the tight one
+    environment_slack = 48 * 2**20
+    assert peak - grads < budget + n * h * 4 * 2 + environment_slack, peak / 2**20
+
+    from posttrain_kernels.api import linear_token_logprobs as api_mod
+    from posttrain_kernels.ops import linear_token_logprobs as ops_mod
+    monkeypatch.setattr(api_mod, "use_vocab_blocks", lambda *a: False)
+    monkeypatch.setattr(ops_mod, "use_vocab_blocks", lambda *a: False)
+    step()
+    weight.grad = None
+    hidden.grad = None
+    chunked = peak_extra_bytes(step, torch.device("cpu"))
+    # the token-chunked schedule holds the (V, H) fp32 accumulator; the blocked one does not
+    assert peak < chunked - accumulator / 2, (peak / 2**20, chunked / 2**20)
