@@ -35,6 +35,12 @@ Distillation (student vs teacher logits)::
                  temperature=1.0, labels=None, reduction="batchmean")
 
 ``nn.Module`` forms of every loss are in ``posttrain_kernels.modules``.
+
+Any Hugging Face causal LM, losses from its hidden states and head inside its forward
+(``transformers`` is imported only by the caller)::
+
+    models.causal_lm_loss(model, loss_fn, **model_inputs)   # loss_fn(hidden, head)
+    models.token_logprobs(model, input_ids, attention_mask, labels), models.cross_entropy(...)
 """
 from .api.distill import distill_loss, topk_distill_loss
 from .api.linear_distill import linear_distill_loss
@@ -46,6 +52,7 @@ from .api.preference import kto_loss, preference_loss
 from .api.preference_free import cpo_loss, orpo_loss, simpo_loss
 from .api.token_logprobs import CrossEntropyLoss, TokenLogprobs, cross_entropy, token_logprobs
 from .dispatch import BACKENDS, live_backends
+from . import models  # imports neither transformers nor peft
 
 __version__ = "0.1.0"
 
@@ -70,5 +77,6 @@ __all__ = [
     "CrossEntropyLoss",
     "BACKENDS",
     "live_backends",
+    "models",
     "__version__",
 ]
