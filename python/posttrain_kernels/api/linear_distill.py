@@ -51,9 +51,10 @@ def linear_distill_loss(
             tokens (Liger's ``weight_hard_loss`` / ``weight_soft_loss`` with ``weight_soft = 1 - w``).
         divergence, beta, temperature, reduction: as :func:`distill_loss` (the scalar reductions;
             the common vocabulary prefix ``min(Vs, Vt)`` is compared).
-        chunk_size: token rows per chunk; default from ``POSTTRAIN_KERNELS_CHUNK_BYTES`` for the
-            chunk's ``rows x V`` fp32 buffers (student logits, which then hold the divergence's
-            gradient, and teacher logits; a third for the gradient with the hard-label term).
+        chunk_size: token rows per chunk; by default ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB)
+            bounds each of the chunk's ``rows x max(Vs, Vt)`` fp32 buffers, as for the other
+            fused-linear losses: student logits (which then hold the divergence's gradient) and
+            teacher logits, plus a third for the gradient with the hard-label term.
 
     Returns:
         fp32 scalar, differentiable in ``student_hidden``, ``student_weight``, ``student_bias``.
@@ -117,10 +118,12 @@ def linear_distill_loss(
         soft_scale = 1.0 / (kept if kept is not None else torch.tensor(float(max(lead0, 1)), device=dev))
     soft_scale = (soft_scale * (1 - w)).to(torch.float32).reshape(())
     hard_scale = (w / kept if kept is not None else torch.zeros((), device=dev)).to(torch.float32).reshape(())
-    # the chunk's fp32 buffers: student and teacher logits, and a gradient buffer unless the
-    # divergence's gradient is written over the student's logits (no hard-label term, Vs <= Vt)
-    n_buffers = 2 if (w == 0 and vs <= vt) else 3
-    chunk = chunk_size or max(1, chunk_budget() // (4 * n_buffers * max(vs, vt)))
+    # The budget bounds each fp32 chunk buffer (student and teacher logits, and a gradient buffer
+    # unless the divergence's gradient is written over the student's logits: no hard-label term,
+    # Vs <= Vt), as it bounds the one logits buffer of linear_cross_entropy: splitting it between
+    # the buffers would halve the rows of every GEMM, which costs more time than the memory saves
+    # (the GEMMs lose efficiency below ~512 rows).
+    chunk = chunk_size or max(1, chunk_budget() // (4 * max(vs, vt)))
     with torch.autocast(dev.type, enabled=False):
         return LinearDistillLoss.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
                                        soft_scale, hard_scale, bool(w > 0), DIVERGENCE_CODES[divergence], beta,
