@@ -75,6 +75,8 @@ setup(
     # every package under python/ (a new subpackage cannot be left out of a wheel), plus the two
     # top-level folders installed inside the package
     packages=find_packages("python") + ["posttrain_kernels.kernels", "posttrain_kernels.benchmarks"],
+    # the pipeline's embedded default data (regenerate with python -m posttrain_kernels.pipeline.data)
+    package_data={"posttrain_kernels.pipeline": ["data/*.jsonl"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
