@@ -9,6 +9,7 @@
 #include "cpu/distill.h"
 #include "cpu/token_logprobs.h"
 #ifdef PTK_WITH_CUDA
+#include "cuda/distill.h"
 #include "cuda/token_logprobs.h"
 #endif
 
@@ -83,6 +84,41 @@ T* P(ptr_t p) {
       py::arg("smoothing_vocab"), py::arg("lse"),                                                \
       py::arg("grad_loss"), py::arg("grad_logits") STREAM_PYARG);
 
+// The distillation family (contract: cpu/distill.h, cuda/distill.h): student / teacher share one
+// dtype code and have their own row strides; labels 0 = no row skipped; the backward's
+// grad_student may be the student (or teacher) buffer itself.
+#define PTK_BIND_DISTILL(m, NS, SUFFIX, STREAM_DECL, STREAM_ARG, STREAM_PYARG)                    \
+  m.def(                                                                                         \
+      "distill_forward_" SUFFIX,                                                                 \
+      [](ptr_t student, ptr_t teacher, int dtype, int64_t n, int64_t v, int64_t s_rs,            \
+         int64_t t_rs, ptr_t labels, int64_t ignore, int divergence, double beta, float inv_t,   \
+         ptr_t loss, ptr_t stats STREAM_DECL) {                                                  \
+        py::gil_scoped_release nogil;                                                            \
+        ptk::NS::distill_forward(P<const void>(student), P<const void>(teacher), dtype, n, v,    \
+                                 s_rs, t_rs, P<const int64_t>(labels), ignore, divergence, beta, \
+                                 inv_t, P<float>(loss), P<float>(stats) STREAM_ARG);             \
+      },                                                                                         \
+      py::arg("student"), py::arg("teacher"), py::arg("dtype"), py::arg("n_rows"),               \
+      py::arg("vocab"), py::arg("student_row_stride"), py::arg("teacher_row_stride"),            \
+      py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"), py::arg("beta"),        \
+      py::arg("inv_temperature"), py::arg("loss"), py::arg("stats") STREAM_PYARG);               \
+  m.def(                                                                                         \
+      "distill_backward_" SUFFIX,                                                                \
+      [](ptr_t student, ptr_t teacher, int dtype, int64_t n, int64_t v, int64_t s_rs,            \
+         int64_t t_rs, ptr_t labels, int64_t ignore, int divergence, double beta, float inv_t,   \
+         ptr_t stats, ptr_t g_loss, ptr_t g_student STREAM_DECL) {                               \
+        py::gil_scoped_release nogil;                                                            \
+        ptk::NS::distill_backward(P<const void>(student), P<const void>(teacher), dtype, n, v,   \
+                                  s_rs, t_rs, P<const int64_t>(labels), ignore, divergence,      \
+                                  beta, inv_t, P<const float>(stats), P<const float>(g_loss),    \
+                                  P<void>(g_student) STREAM_ARG);                                \
+      },                                                                                         \
+      py::arg("student"), py::arg("teacher"), py::arg("dtype"), py::arg("n_rows"),               \
+      py::arg("vocab"), py::arg("student_row_stride"), py::arg("teacher_row_stride"),            \
+      py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"), py::arg("beta"),        \
+      py::arg("inv_temperature"), py::arg("stats"), py::arg("grad_loss"),                        \
+      py::arg("grad_student") STREAM_PYARG);
+
 #define PTK_COMMA ,
 #define PTK_NOTHING
 
@@ -106,39 +142,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"), py::arg("labels"),
       py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"),
       py::arg("grad_loss"), py::arg("loss"), py::arg("lse"));
-  m.def(
-      "distill_forward_cpu",
-      [](ptr_t student, ptr_t teacher, int dtype, int64_t n, int64_t v, int64_t s_rs, int64_t t_rs,
-         ptr_t labels, int64_t ignore, int divergence, double beta, float inv_t, ptr_t loss,
-         ptr_t stats) {
-        py::gil_scoped_release nogil;
-        ptk::cpu::distill_forward(P<const void>(student), P<const void>(teacher), dtype, n, v, s_rs,
-                                  t_rs, P<const int64_t>(labels), ignore, divergence, beta, inv_t,
-                                  P<float>(loss), P<float>(stats));
-      },
-      py::arg("student"), py::arg("teacher"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"),
-      py::arg("student_row_stride"), py::arg("teacher_row_stride"), py::arg("labels"),
-      py::arg("ignore_index"), py::arg("divergence"), py::arg("beta"), py::arg("inv_temperature"),
-      py::arg("loss"), py::arg("stats"));
-  m.def(
-      "distill_backward_cpu",
-      [](ptr_t student, ptr_t teacher, int dtype, int64_t n, int64_t v, int64_t s_rs, int64_t t_rs,
-         ptr_t labels, int64_t ignore, int divergence, double beta, float inv_t, ptr_t stats,
-         ptr_t g_loss, ptr_t g_student) {
-        py::gil_scoped_release nogil;
-        ptk::cpu::distill_backward(P<const void>(student), P<const void>(teacher), dtype, n, v,
-                                   s_rs, t_rs, P<const int64_t>(labels), ignore, divergence, beta,
-                                   inv_t, P<const float>(stats), P<const float>(g_loss),
-                                   P<void>(g_student));
-      },
-      py::arg("student"), py::arg("teacher"), py::arg("dtype"), py::arg("n_rows"), py::arg("vocab"),
-      py::arg("student_row_stride"), py::arg("teacher_row_stride"), py::arg("labels"),
-      py::arg("ignore_index"), py::arg("divergence"), py::arg("beta"), py::arg("inv_temperature"),
-      py::arg("stats"), py::arg("grad_loss"), py::arg("grad_student"));
+  PTK_BIND_DISTILL(m, cpu, "cpu", PTK_NOTHING, PTK_NOTHING, PTK_NOTHING)
 #ifdef PTK_WITH_CUDA
   m.attr("has_cuda") = true;
   PTK_BIND_TOKEN_LOGPROBS(m, cuda, "cuda", PTK_COMMA ptr_t stream, PTK_COMMA P<void>(stream),
                           PTK_COMMA py::arg("stream"))
+  PTK_BIND_DISTILL(m, cuda, "cuda", PTK_COMMA ptr_t stream, PTK_COMMA P<void>(stream),
+                   PTK_COMMA py::arg("stream"))
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -1,7 +1,8 @@
 """Ahead-of-time compile of the CUDA kernels (no GPU needed): nvcc for sm_80 and sm_90.
 
 Runs wherever nvcc is found (on PATH or /usr/local/cuda/bin/nvcc) and is skipped elsewhere. Each
-case compiles csrc/cuda/token_logprobs.cu to an object file with ``-Xptxas -v`` and checks that
+case compiles one file of csrc/cuda/*.cu (every one of them: token_logprobs.cu, distill.cu, ...)
+to an object file with ``-Xptxas -v`` and checks that
   * nvcc succeeds (stderr is shown on failure),
   * ptxas reports no register spills (spill stores / loads) in any kernel,
   * the compiler prints no warning pointing into csrc/.
@@ -17,8 +18,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = Path("csrc") / "cuda" / "token_logprobs.cu"
-COMPILE_TIMEOUT_S = 240  # one arch takes ~10-20 s on 2 cores; generous for slow CI machines
+# Every CUDA source of the extension (the list CMakeLists.txt compiles), found by glob so that a new
+# file is covered without editing this test; the known ones must be there.
+SOURCES = sorted(p.relative_to(REPO) for p in (REPO / "csrc" / "cuda").glob("*.cu"))
+EXPECTED_SOURCES = {"token_logprobs.cu", "distill.cu"}
+COMPILE_TIMEOUT_S = 240  # one file and arch takes ~10-20 s on 2 cores; generous for slow CI machines
 
 
 def _find_nvcc() -> str | None:
@@ -30,7 +34,7 @@ def _find_nvcc() -> str | None:
 
 NVCC = _find_nvcc()
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, /usr/local/cuda/bin)")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, /usr/local/cuda/bin)")
 
 _ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -59,12 +63,23 @@ def _ptxas_report(text: str) -> list[dict]:
     return kernels
 
 
+def test_every_cuda_source_is_covered() -> None:
+    """Runs without nvcc too: every .cu file is compiled below and built by CMakeLists.txt."""
+    names = {p.name for p in SOURCES}
+    assert EXPECTED_SOURCES <= names, f"missing CUDA sources: {sorted(EXPECTED_SOURCES - names)}"
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    unbuilt = [str(p) for p in SOURCES if p.as_posix() not in cmake]
+    assert not unbuilt, f"CUDA sources not compiled by CMakeLists.txt: {unbuilt}"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_token_logprobs_cu_compiles_without_spills(arch: str, tmp_path: Path) -> None:
-    assert (REPO / SOURCE).is_file(), f"missing {REPO / SOURCE}"
-    obj = tmp_path / f"token_logprobs_sm{arch}.o"
+def test_cu_compiles_without_spills(source: Path, arch: str, tmp_path: Path) -> None:
+    assert (REPO / source).is_file(), f"missing {REPO / source}"
+    obj = tmp_path / f"{source.stem}_sm{arch}.o"
     cmd = [
-        NVCC, "-std=c++17", "-O3", "-I", "csrc", "-c", str(SOURCE), "-o", str(obj),
+        NVCC, "-std=c++17", "-O3", "-I", "csrc", "-c", str(source), "-o", str(obj),
         "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
     ]
     try:
@@ -74,7 +89,7 @@ def test_token_logprobs_cu_compiles_without_spills(arch: str, tmp_path: Path) ->
         pytest.fail(f"nvcc for sm_{arch} took longer than {COMPILE_TIMEOUT_S} s: {exc}")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, (
-        f"nvcc failed for sm_{arch} (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr}"
+        f"nvcc failed for {source} sm_{arch} (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr}"
     )
     assert obj.is_file() and obj.stat().st_size > 0, f"nvcc produced no object file {obj}"
 

@@ -85,14 +85,15 @@ def launchers(name: str) -> Any:
 
 def distill_launchers(name: str) -> Any:
     """The launchers ``distill_forward`` / ``distill_backward`` of a concrete backend ``name`` (the
-    contract is in ``backends/torch_distill.py``); ``cuda`` runs the PyTorch launchers until its
-    kernels exist."""
+    contract is in ``backends/torch_distill.py``): ``cpu`` and ``cuda`` run the native kernels of
+    ``_C`` (``distill_{forward,backward}_{cpu,cuda}``) when the extension has them, else the
+    PyTorch launchers (an extension built before the kernels existed, or without CUDA)."""
     if name == "triton":
         return importlib.import_module("posttrain_kernels.kernels.distill")
-    if name == "cpu":
+    if name in ("cpu", "cuda"):
         from .backends import native
-        if hasattr(native.cpu, "distill_forward") and _has_native("distill_forward_cpu"):
-            return native.cpu
+        if _has_native(f"distill_forward_{name}") and _has_native(f"distill_backward_{name}"):
+            return getattr(native, name)
     if name in ("cpu", "cuda", "torch"):
         from .backends import torch_distill
         return torch_distill

@@ -124,13 +124,18 @@ class NativeBackend:
             _ptr(lse))
         return loss, lse
 
-    # Distillation family: the contract is the docstring of backends/torch_distill.py.
+    # Distillation family: the contract is the docstring of backends/torch_distill.py. The same
+    # launchers serve _C.distill_{forward,backward}_cpu and _cuda (the latter on the current stream
+    # of the student's device, with the stream as last argument).
 
     def _distill_operands(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor]):
-        if self.suffix != "cpu":
+        ext = load_extension()
+        if ext is None or not hasattr(ext, f"distill_forward_{self.suffix}") or \
+                not hasattr(ext, f"distill_backward_{self.suffix}"):
             raise NotImplementedError(
-                f"posttrain_kernels: the distillation kernels have no {self.suffix!r} build yet; use "
-                "backend='triton' or 'torch' for CUDA tensors")
+                f"posttrain_kernels: the distillation kernels have no {self.suffix!r} build here (the "
+                f"native extension lacks distill_forward_{self.suffix}); use backend='triton' or "
+                "'torch' instead")
         if teacher.dtype != student.dtype:
             raise TypeError(f"teacher: expected the dtype of student ({student.dtype}), got {teacher.dtype}")
         if student.dtype not in DTYPE_CODES:
@@ -138,6 +143,14 @@ class NativeBackend:
         if teacher.shape != student.shape or student.dim() != 2:
             raise ValueError(f"teacher: expected the 2-D shape of student {tuple(student.shape)}, "
                              f"got {tuple(teacher.shape)}")
+        # the kernels dereference raw pointers: every operand on the backend's device, and one device
+        if student.device.type != self.suffix:
+            raise ValueError(f"student: backend {self.suffix!r} expects {self.suffix} tensors, got a "
+                             f"tensor on {student.device}")
+        for name, t in (("teacher", teacher), ("labels", labels)):
+            if t is not None and t.device != student.device:
+                raise ValueError(f"{name}: expected a tensor on {student.device} (the student's device), "
+                                 f"got {t.device}")
         # the kernels need unit stride along V (any row stride)
         student = student if student.stride(-1) == 1 else student.contiguous()
         teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
@@ -152,10 +165,21 @@ class NativeBackend:
         f32 = dict(device=student.device, dtype=torch.float32)
         loss = torch.empty((n,), **f32)
         stats = torch.empty((n, 3), **f32)
-        self._fn("distill_forward")(
-            _ptr(student), _ptr(teacher), DTYPE_CODES[student.dtype], n, v, student.stride(0),
-            teacher.stride(0), _ptr(labels), int(ignore_index), int(divergence), float(beta),
-            float(inv_temperature), _ptr(loss), _ptr(stats))
+        with self._on_device(student):
+            self._fn("distill_forward")(
+                _ptr(student),                 # [n, v] student logits, unit stride along v
+                _ptr(teacher),                 # [n, v] teacher logits, same dtype, unit stride along v
+                DTYPE_CODES[student.dtype],    # dtype code of both
+                n, v,                          # rows, vocabulary (the common prefix of both)
+                student.stride(0),             # elements between student rows (>= v)
+                teacher.stride(0),             # elements between teacher rows (>= v)
+                _ptr(labels),                  # int64 [n] contiguous, or 0: no row skipped
+                int(ignore_index),             # label of a skipped row
+                int(divergence), float(beta),  # DIVERGENCE_CODES code, JSD beta / skew alpha
+                float(inv_temperature),        # s = student * inv_t, t = teacher * inv_t
+                _ptr(loss),                    # out fp32 [n]
+                _ptr(stats),                   # out fp32 [n, 3] contiguous: (lse_s, lse_t, c)
+                **self._stream(student))       # cuda: the current stream of the student's device
         return loss, stats
 
     def distill_backward(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
@@ -166,14 +190,32 @@ class NativeBackend:
         if tuple(stats.shape) != (n, 3) or tuple(grad_loss.shape) != (n,):
             raise ValueError(f"stats, grad_loss: expected shapes ({n}, 3) and ({n},), got "
                              f"{tuple(stats.shape)} and {tuple(grad_loss.shape)}")
+        for name, t in (("stats", stats), ("grad_loss", grad_loss)):
+            if t.device != student.device:
+                raise ValueError(f"{name}: expected a tensor on {student.device} (the student's device), "
+                                 f"got {t.device}")
         stats = stats.to(torch.float32).contiguous()
         grad_loss = grad_loss.to(torch.float32).contiguous()  # the kernel reads it densely
+        # Written directly into out when it is safe (see _distill_out_ok: also exactly in place over
+        # the student or the teacher, which both kernels allow), else into a new buffer copied over.
         grad = out if self._distill_out_ok(out, student, teacher) else torch.empty(
             (n, v), device=student.device, dtype=student.dtype)
-        self._fn("distill_backward")(
-            _ptr(student), _ptr(teacher), DTYPE_CODES[student.dtype], n, v, student.stride(0),
-            teacher.stride(0), _ptr(labels), int(ignore_index), int(divergence), float(beta),
-            float(inv_temperature), _ptr(stats), _ptr(grad_loss), _ptr(grad))
+        with self._on_device(student):
+            self._fn("distill_backward")(
+                _ptr(student),                 # [n, v] student logits, unit stride along v
+                _ptr(teacher),                 # [n, v] teacher logits, same dtype, unit stride along v
+                DTYPE_CODES[student.dtype],    # dtype code of both (and of the gradient)
+                n, v,                          # rows, vocabulary
+                student.stride(0),             # elements between student rows (>= v)
+                teacher.stride(0),             # elements between teacher rows (>= v)
+                _ptr(labels),                  # int64 [n] contiguous, or 0: no row skipped
+                int(ignore_index),             # label of a skipped row
+                int(divergence), float(beta),  # as in the forward
+                float(inv_temperature),        # as in the forward
+                _ptr(stats),                   # fp32 [n, 3] contiguous, the forward's
+                _ptr(grad_loss),               # fp32 [n] contiguous, upstream gradient of the loss
+                _ptr(grad),                    # out [n, v] contiguous, the student's dtype
+                **self._stream(student))       # cuda: the current stream of the student's device
         return self._finish(grad, out)
 
     @staticmethod
