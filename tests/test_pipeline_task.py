@@ -282,7 +282,7 @@ def test_tiny_models_generate_with_tokenizer_ids(tok):
         assert m.generation_config.eos_token_id == tok.eos_token_id
         assert m.generation_config.pad_token_id == tok.pad_token_id
     assert policy.config.num_hidden_layers == 4 and policy.config.hidden_size == 128
-    assert student.config.num_hidden_layers == 2 and student.config.hidden_size == 64
+    assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 96
     state = torch.random.get_rng_state()
     again = M.build_policy(tok, seed=0)
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched

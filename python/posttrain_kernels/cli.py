@@ -1,4 +1,5 @@
-"""Command line: ``python -m posttrain_kernels {info,bench}`` (also the ``posttrain-kernels`` script)."""
+"""Command line: ``python -m posttrain_kernels {pipeline,bench,info}`` (also the ``posttrain-kernels``
+script)."""
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="posttrain-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, live backends, what _C was built with")
+    pipe = sub.add_parser("pipeline", help="the main job: SFT -> DPO -> GRPO -> distillation on the fused losses, "
+                                           "compared with the reference losses")
+    from .pipeline.run import add_arguments as add_pipeline_arguments
+    add_pipeline_arguments(pipe)
     bench = sub.add_parser("bench", help="run the benchmark suite (speed + peak memory, side by side)")
     from .benchmarks.cli import add_arguments  # the suite lives in benchmarks/ (installed with the package)
     add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "pipeline":
+        from .pipeline.run import run_cli
+        return run_cli(args)
     from .benchmarks.cli import run
     return run(args)
 

@@ -4,7 +4,7 @@ downloads), and a loader for a real model behind the same interface.
 Two sizes share the tokenizer's vocabulary, so a teacher's logits line up with a student's::
 
     policy / teacher:  4 layers, hidden 128, 4 heads, MLP 256   (~0.66 M parameters)
-    student:           2 layers, hidden  64, 4 heads, MLP 128   (~0.08 M parameters)
+    student:           3 layers, hidden  96, 4 heads, MLP 192   (~0.28 M parameters)
 
 Usage::
 
@@ -33,9 +33,11 @@ __all__ = [
 #: Architecture of the policy (which is also the distillation teacher).
 POLICY_SIZE: Dict[str, int] = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                                "num_key_value_heads": 4, "intermediate_size": 256}
-#: Architecture of the distillation student: half the width, half the depth.
-STUDENT_SIZE: Dict[str, int] = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                "num_key_value_heads": 4, "intermediate_size": 128}
+#: Architecture of the distillation student: three quarters of the width and depth
+#: (3 layers, hidden 96: a 2-layer, 64-wide student stayed below 10% exact match after 300
+#: distillation steps from a teacher at 53%; this one reaches 37%.)
+STUDENT_SIZE: Dict[str, int] = {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+                                "num_key_value_heads": 4, "intermediate_size": 192}
 
 _SIZES = {"policy": POLICY_SIZE, "teacher": POLICY_SIZE, "student": STUDENT_SIZE}
 
