@@ -143,6 +143,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("softcap"),
       py::arg("grad_loss"), py::arg("loss"), py::arg("lse"));
   PTK_BIND_DISTILL(m, cpu, "cpu", PTK_NOTHING, PTK_NOTHING, PTK_NOTHING)
+  m.def(
+      "distill_fused_cpu",
+      [](ptr_t student, ptr_t teacher, int dtype, int64_t n, int64_t v, int64_t s_rs, int64_t t_rs,
+         ptr_t labels, int64_t ignore, int divergence, double beta, float inv_t, ptr_t g_loss,
+         ptr_t loss, ptr_t stats) {
+        py::gil_scoped_release nogil;
+        ptk::cpu::distill_fused(P<void>(student), P<void>(teacher), dtype, n, v, s_rs, t_rs,
+                                P<const int64_t>(labels), ignore, divergence, beta, inv_t,
+                                P<const float>(g_loss), P<float>(loss), P<float>(stats));
+      },
+      py::arg("student"), py::arg("teacher"), py::arg("dtype"), py::arg("n_rows"),
+      py::arg("vocab"), py::arg("student_row_stride"), py::arg("teacher_row_stride"),
+      py::arg("labels"), py::arg("ignore_index"), py::arg("divergence"), py::arg("beta"),
+      py::arg("inv_temperature"), py::arg("grad_loss"), py::arg("loss"), py::arg("stats"));
 #ifdef PTK_WITH_CUDA
   m.attr("has_cuda") = true;
   PTK_BIND_TOKEN_LOGPROBS(m, cuda, "cuda", PTK_COMMA ptr_t stream, PTK_COMMA P<void>(stream),

@@ -289,3 +289,58 @@ def test_errors():
         native.cpu.distill_backward(s, s, None, IGNORE, 0, 0.5, 1.0, torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match="divergence"):
         native.cpu.distill_forward(s, s, None, IGNORE, 9, 0.5, 1.0)
+
+
+FUSED_CASES = [c for c in CASES if c[5] != "col_strided"]  # the fused kernel writes over unit-stride rows
+
+
+@pytest.mark.skipif(_EXT is None or not hasattr(_EXT, "distill_fused_cpu"), reason="no fused CPU kernel")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+@pytest.mark.parametrize("vocab", [1, 7, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=[f"{d}-{b}" for d, b in DIVERGENCES])
+def test_fused_equals_forward_then_backward(divergence, beta, dtype, vocab, case):
+    """distill_fused_ (forward + gradient over the student, teacher as scratch; fp32 rows stage the
+    gradient's factors between passes) gives the loss, stats and gradient of distill_forward +
+    distill_backward, within the same budget against the fp64 oracle."""
+    code = TD.DIVERGENCE_CODES[divergence]
+    name, rows, label_mode, temperature, logits, how, _ = case
+    inv_t = 1.0 / temperature
+    s, t = make_case(rows, vocab, dtype, logits, code, beta)
+    labels = make_labels(rows, label_mode, vocab)
+    grad_loss = torch.randn(rows, generator=torch.Generator().manual_seed(3))
+    student, teacher = layout(s, how, 13), layout(t, how, 6)
+    want_l, want_st, want_g = oracle64(s, t, labels, code, beta, inv_t, grad_loss)
+    ref_l, ref_st = native.cpu.distill_forward(student, teacher, labels, IGNORE, code, beta, inv_t)
+    ref_g = native.cpu.distill_backward(student, teacher, labels, IGNORE, code, beta, inv_t, ref_st, grad_loss)
+    s_buf, t_buf = student.clone(), teacher.clone()  # the kernel's scratch: not the inputs above
+    got_l, got_st = native.cpu.distill_fused_(s_buf, t_buf, labels, IGNORE, code, beta, inv_t, grad_loss)
+    got_g = s_buf
+    tag = f"fused {name} V={vocab} {dtype} {divergence} beta={beta}"
+    assert not torch.isnan(got_l).any() and not torch.isnan(got_g).any(), tag
+    # the forward's arithmetic (the compiler may contract a multiply-add differently): fp32 rounding
+    torch.testing.assert_close(got_l, ref_l, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_st, ref_st, rtol=1e-5, atol=1e-6)
+    g_scale = float(want_g.abs().max()) if want_g.numel() else 0.0
+    g_floor = 5e-7 * float(grad_loss.abs().max()) * inv_t
+    atol = g_floor + GRAD_RTOL[dtype] * g_scale
+    assert_within_budget(got_g, ref_g, want_g, atol=atol, what=f"grad {tag}")
+    torch.testing.assert_close(got_g.float(), ref_g.float(), rtol=GRAD_ULP[dtype], atol=2 * atol)
+    if labels is not None:
+        assert (got_g[labels == IGNORE] == 0).all(), tag
+
+
+def test_fused_op_falls_back_where_there_is_no_fused_kernel():
+    """The public op runs forward + in-place backward on backends without a fused kernel (torch),
+    with the numbers of the C++ one."""
+    from posttrain_kernels.ops import distill as ops
+    s, t = make_case(6, 97, torch.float32, "normal", 2, 0.3)
+    labels = make_labels(6, "some", 97)
+    g = torch.rand(6)
+    out = {}
+    for backend in ("torch", "cpu"):
+        sb, tb = s.clone(), t.clone()
+        loss, stats = ops.distill_fused_(sb, tb, labels, IGNORE, 2, 0.3, 0.8, g, backend)
+        out[backend] = (loss, stats, sb)
+    for a, b in zip(out["torch"], out["cpu"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

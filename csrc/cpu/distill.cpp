@@ -55,5 +55,14 @@ void distill_backward(const void* student, const void* teacher, int dtype, int64
                grad_loss, grad_student);
 }
 
+void distill_fused(void* student, void* teacher, int dtype, int64_t n_rows, int64_t vocab,
+                   int64_t student_row_stride, int64_t teacher_row_stride, const int64_t* labels,
+                   int64_t ignore_index, int divergence, double beta, float inv_temperature,
+                   const float* grad_loss, float* loss, float* stats) {
+  PTK_ISA_CALL(distill_fused_isa, student, teacher, dtype, n_rows, vocab, student_row_stride,
+               teacher_row_stride, labels, ignore_index, divergence, beta, inv_temperature,
+               grad_loss, loss, stats);
+}
+
 }  // namespace cpu
 }  // namespace ptk

@@ -32,5 +32,15 @@ void distill_backward(const void* student, const void* teacher, int dtype, int64
                       float inv_temperature, const float* stats, const float* grad_loss,
                       void* grad_student);
 
+// Forward and backward at once, for a caller whose loss weights are known before the forward (the
+// fused-linear loss): loss and stats as distill_forward, and the gradient of
+// sum_r grad_loss[r] * loss[r] written over `student` (row stride student_row_stride). `teacher`
+// is scratch: its rows are overwritten (fp32: with a gradient factor staged between passes). Both
+// buffers must be the caller's own. Skipped rows: loss 0, stats 0, gradient 0.
+void distill_fused(void* student, void* teacher, int dtype, int64_t n_rows, int64_t vocab,
+                   int64_t student_row_stride, int64_t teacher_row_stride, const int64_t* labels,
+                   int64_t ignore_index, int divergence, double beta, float inv_temperature,
+                   const float* grad_loss, float* loss, float* stats);
+
 }  // namespace cpu
 }  // namespace ptk

@@ -218,6 +218,40 @@ class NativeBackend:
                 **self._stream(student))       # cuda: the current stream of the student's device
         return self._finish(grad, out)
 
+    def distill_fused_(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                       divergence: int, beta: float, inv_temperature: float,
+                       grad_loss: Tensor) -> Tuple[Tensor, Tensor]:
+        """``distill_forward`` and the gradient of ``sum_r grad_loss[r] * loss[r]`` at once, the
+        gradient written over ``student`` and ``teacher`` clobbered (both the caller's own
+        buffers, unit stride along V). CPU only (``_C.distill_fused_cpu``)."""
+        if self.suffix != "cpu" or not hasattr(load_extension(), "distill_fused_cpu"):
+            raise NotImplementedError(f"posttrain_kernels: no fused distillation kernel for {self.suffix!r} here")
+        if student.stride(-1) != 1 or teacher.stride(-1) != 1:
+            raise ValueError("student, teacher: the fused kernel writes over them and needs unit stride along V")
+        student_c, teacher_c, labels = self._distill_operands(student, teacher, labels)
+        n, v = student.shape
+        if tuple(grad_loss.shape) != (n,):
+            raise ValueError(f"grad_loss: expected shape ({n},), got {tuple(grad_loss.shape)}")
+        grad_loss = grad_loss.to(device=student.device, dtype=torch.float32).contiguous()
+        f32 = dict(device=student.device, dtype=torch.float32)
+        loss = torch.empty((n,), **f32)
+        stats = torch.empty((n, 3), **f32)
+        self._fn("distill_fused")(
+            _ptr(student),                 # [n, v] in: student logits; out: the gradient (its dtype)
+            _ptr(teacher),                 # [n, v] in: teacher logits; out: scratch (clobbered)
+            DTYPE_CODES[student.dtype],    # dtype code of both
+            n, v,                          # rows, vocabulary
+            student.stride(0),             # elements between student rows (>= v)
+            teacher.stride(0),             # elements between teacher rows (>= v)
+            _ptr(labels),                  # int64 [n] contiguous, or 0: no row skipped
+            int(ignore_index),             # label of a skipped row
+            int(divergence), float(beta),  # DIVERGENCE_CODES code, JSD beta / skew alpha
+            float(inv_temperature),        # s = student * inv_t, t = teacher * inv_t
+            _ptr(grad_loss),               # fp32 [n]: the weight of each row's loss
+            _ptr(loss),                    # out fp32 [n]
+            _ptr(stats))                   # out fp32 [n, 3]: (lse_s, lse_t, c)
+        return loss, stats
+
     @staticmethod
     def _distill_out_ok(out: Optional[Tensor], student: Tensor, teacher: Tensor) -> bool:
         """Whether the kernel may write into ``out`` directly (else a new buffer, copied into it):

@@ -147,3 +147,13 @@ def distill_backward(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
             ds.masked_fill_((labels[sl] == ignore_index)[:, None], 0.0)
         grad[sl] = ds
     return grad
+
+
+def distill_fused_(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                   divergence: int, beta: float, inv_temperature: float, grad_loss: Tensor) -> Tuple[Tensor, Tensor]:
+    """``distill_forward``, then the gradient of ``sum_r grad_loss[r] * loss[r]`` written over
+    ``student`` (contiguous); ``teacher`` may be clobbered by other backends (not here)."""
+    loss, stats = distill_forward(student, teacher, labels, ignore_index, divergence, beta, inv_temperature)
+    distill_backward(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats,
+                     grad_loss.to(torch.float32), out=student)
+    return loss, stats

@@ -73,3 +73,33 @@ def distill_backward_(student: Tensor, teacher: Tensor, labels: Optional[Tensor]
 @distill_backward_.register_fake
 def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats, grad_loss, backend):
     return None
+
+
+@torch.library.custom_op("posttrain_kernels::distill_fused_", mutates_args=("student", "teacher"))
+def distill_fused_(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
+                   divergence: int, beta: float, inv_temperature: float, grad_loss: Tensor,
+                   backend: str) -> Tuple[Tensor, Tensor]:
+    """Forward and backward at once, for callers that know each row's loss weight ``grad_loss``
+    before the forward (the fused-linear loss): returns ``(loss, stats)`` as ``distill_forward``
+    and writes the gradient of ``sum_r grad_loss[r] * loss[r]`` over ``student``; ``teacher`` is
+    scratch afterwards. Both must be the caller's own contiguous buffers. The C++ kernel stages
+    the gradient's factors in the rows between its passes (no second exp/log per element); other
+    backends run ``distill_forward`` then the in-place backward."""
+    launchers = distill_launchers(backend)
+    fused = getattr(launchers, "distill_fused_", None)
+    if fused is not None:
+        try:
+            return fused(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, grad_loss)
+        except NotImplementedError:
+            pass
+    loss, stats = launchers.distill_forward(student, teacher, labels, ignore_index, divergence, beta,
+                                            inv_temperature)
+    launchers.distill_backward(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats,
+                               grad_loss.to(_F32).contiguous(), out=student)
+    return loss, stats
+
+
+@distill_fused_.register_fake
+def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, grad_loss, backend):
+    n = student.shape[0]
+    return student.new_empty((n,), dtype=_F32), student.new_empty((n, 3), dtype=_F32)

@@ -49,20 +49,26 @@ class LinearDistillLoss(torch.autograd.Function):
                 zt = t_head.logits(t_hidden[sl])
             lab = None if labels is None else labels[sl]
             zs_v, zt_v = zs[:, :v], zt[:, :v]
+            if grads is not None and not use_hard and zs.shape[1] == v:
+                # forward and gradient in one kernel call, the gradient written over the student's
+                # logits (the teacher's buffer is its scratch): two chunk buffers, and on the C++
+                # backend no second pass of exps and logs
+                row_grad = soft_scale.expand(zs.shape[0]).contiguous()
+                per, _ = distill_ops.distill_fused_(zs, zt_v, lab, ignore_index, divergence, beta, inv_t,
+                                                    row_grad, backend)
+                soft_total += per.sum()
+                del zt, zt_v
+                grads.add_chunk(sl, zs, h, head)
+                del zs
+                continue
             per, stats = distill_ops.distill_forward(zs_v, zt_v, lab, ignore_index, divergence, beta, inv_t,
                                                      backend)
             soft_total += per.sum()
             g = None
             if grads is not None:
                 row_grad = soft_scale.expand(per.shape[0]).contiguous()
-                if not use_hard and zs.shape[1] == v:
-                    # the gradient written over the student's logits: two chunk buffers, not three
-                    distill_ops.distill_backward_(zs, zt_v, lab, ignore_index, divergence, beta, inv_t, stats,
-                                                  row_grad, backend)
-                    g = zs
-                else:
-                    g = distill_ops.distill_backward(zs_v, zt_v, lab, ignore_index, divergence, beta, inv_t,
-                                                     stats, row_grad, backend)
+                g = distill_ops.distill_backward(zs_v, zt_v, lab, ignore_index, divergence, beta, inv_t,
+                                                 stats, row_grad, backend)
             del zt, zt_v
             if use_hard:
                 hard_grad = hard_scale.expand(zs.shape[0]).contiguous()
@@ -74,7 +80,7 @@ class LinearDistillLoss(torch.autograd.Function):
                 if grads is not None:
                     zs[:, :v] += g  # zs now holds the cross-entropy gradient: add the divergence's
                     g = zs
-            elif g is not zs and grads is not None and v < zs.shape[1]:
+            elif grads is not None:  # Vs > Vt (else the fused branch above took the chunk)
                 zs[:, :v].copy_(g)  # the student's columns beyond the teacher's get no gradient
                 zs[:, v:] = 0
                 g = zs
