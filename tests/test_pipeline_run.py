@@ -2,6 +2,7 @@
 message names the file, line, stage or option), and the command line runs every stage end to end
 (fused and reference losses), writing the summary, the plots and each stage's metrics."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -209,8 +210,8 @@ def test_cli_quick_run_all_stages(tmp_path):
 
 
 def test_run_pipeline_in_any_stage_order(tmp_path):
-    """Distillation freezes its teacher (the policy) while it runs; a later stage still trains
-    the policy."""
+    """Distillation reads its teacher (the policy) without training it; a later stage still
+    trains the policy."""
     config = PipelineConfig.from_dict({**SMALL, "out_dir": str(tmp_path), "compare_reference": False,
                                        "stages": ["distill", "sft"], "eval_size": 4,
                                        "distill": {"steps": 2, "batch_size": 2}, "sft": {"steps": 2, "batch_size": 2}})
@@ -219,3 +220,30 @@ def test_run_pipeline_in_any_stage_order(tmp_path):
     assert all(r.steps == 2 and r.max_loss_diff is None for r in results)
     assert "teacher_accuracy" in results[0].eval_after
     assert (tmp_path / "summary.md").read_text().count("\n") == 4
+
+
+def test_pipeline_on_saved_models_and_tokenizer(tmp_path):
+    """The config's model / student / tokenizer paths: Hugging Face directories (AutoModelForCausalLM,
+    AutoTokenizer), as a user's own model would be, here the tiny ones saved with save_pretrained
+    and the task's tokenizer as a PreTrainedTokenizerFast."""
+    from posttrain_kernels.pipeline.tiny_models import build_policy, build_student
+    from posttrain_kernels.pipeline.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    build_policy(tok, seed=0, **small).save_pretrained(tmp_path / "policy")
+    build_student(tok, seed=1, **small).save_pretrained(tmp_path / "student")
+    tok.to_hf().save_pretrained(tmp_path / "tokenizer")
+    config = PipelineConfig.from_dict({
+        "out_dir": str(tmp_path / "out"), "model": str(tmp_path / "policy"), "student": str(tmp_path / "student"),
+        "tokenizer": str(tmp_path / "tokenizer"), "stages": ["sft", "distill"], "compare_steps": 2,
+        "eval_size": 4, "max_new_tokens": 6,
+        "sft": {"steps": 3, "batch_size": 4}, "distill": {"steps": 2, "batch_size": 4}})
+    results = R.run_pipeline(config, log=lambda s: None)
+    assert [r.stage for r in results] == ["sft", "distill"]
+    for r in results:
+        assert r.max_loss_diff is not None and r.max_loss_diff < 1e-4, r
+        assert all(math.isfinite(h["loss"]) for h in r.history if "loss" in h)
+    with pytest.raises(ValueError, match="student"):
+        R.run_pipeline(PipelineConfig.from_dict({"out_dir": str(tmp_path / "o2"), "model": str(tmp_path / "policy"),
+                                                 "tokenizer": str(tmp_path / "tokenizer")}), log=lambda s: None)

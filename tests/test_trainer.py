@@ -376,3 +376,19 @@ def test_bad_records_and_rewards_fail_clearly():
     obj = PolicyGradient(RL_RECORDS, TOK, [short], num_generations=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="returned 1 rewards for 4 completions"):
         Trainer(policy(), obj, cfg(steps=1, batch_size=2)).train()
+
+
+def test_bf16_autocast_trains():
+    """``bf16=True``: the model runs under bfloat16 autocast (the losses accumulate in fp32): its
+    loss trajectory follows the fp32 one within bf16 rounding, and falls."""
+    runs = {}
+    for bf16 in (False, True):
+        model, objective = make("sft")
+        history = Trainer(model, objective, cfg(steps=12, batch_size=8, lr=3e-3, bf16=bf16)).train()
+        runs[bf16] = [r["loss"] for r in steps(history)]
+        assert all(math.isfinite(x) for x in runs[bf16]), runs[bf16]
+    fp32, bf16 = runs[False], runs[True]
+    assert bf16[0] != fp32[0], "bf16=True did not change the computation (no autocast?)"
+    assert mean(bf16[-3:]) < mean(bf16[:3]) - 0.05, bf16
+    assert abs(bf16[0] - fp32[0]) < 0.02 * fp32[0], (fp32[0], bf16[0])
+    assert abs(mean(bf16[-3:]) - mean(fp32[-3:])) < 0.05 * mean(fp32[-3:]), (fp32, bf16)

@@ -92,10 +92,10 @@ def _build_models(config: PipelineConfig):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    policy = load_model(config.model)
-    if config.student is None:
+    if config.student is None and "distill" in config.stages:
         raise ValueError("student: a pipeline on your own model needs a student model path for the "
-                         "distillation stage (or leave 'distill' out of stages)") if "distill" in config.stages else None
+                         "distillation stage (or leave 'distill' out of stages)")
+    policy = load_model(config.model)
     student = load_model(config.student) if config.student else None
     return tok, policy, student, {}
 
