@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
+from posttrain_kernels._proc_status import reset_hwm, status_kib
+
 
 def _pin_glibc_mmap_threshold() -> None:
     """Make glibc serve every large allocation with mmap (and return it on free).
@@ -65,26 +67,6 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return statistics.median(times)
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak memory above what was allocated before one call of ``fn`` (None if not measurable)."""
     gc.collect()
@@ -99,11 +81,11 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
     # resident pages; giving them back to the kernel first makes every page the call touches count.
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
-    if not _reset_hwm():
+    if not reset_hwm():
         return None
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     fn()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     if base is None or peak is None:
         return None
     return max(0, (peak - base) * 1024)

@@ -10,16 +10,7 @@ from typing import Any, Dict, List, Optional, TextIO
 
 import torch
 
-
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+from .._proc_status import reset_hwm, status_kib
 
 
 class PeakMemory:
@@ -40,13 +31,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device) / 2**20
             return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
+        if not reset_hwm():
             self.base = None
             return
-        kib = _status_kib("VmRSS")
+        kib = status_kib("VmRSS")
         self.base = None if kib is None else kib / 1024
 
     def peak_mib(self) -> Optional[float]:
@@ -54,7 +42,7 @@ class PeakMemory:
             return None
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
-        kib = _status_kib("VmHWM")
+        kib = status_kib("VmHWM")
         return None if kib is None else max(0.0, kib / 1024 - self.base)
 
 

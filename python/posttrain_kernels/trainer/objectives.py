@@ -138,7 +138,23 @@ class _RecordObjective(Objective):
         self.cursor.load_state_dict(state["cursor"])
 
 
-class SFT(_RecordObjective):
+class _CompletionObjective(_RecordObjective):
+    """Objectives over ``{"prompt", "completion"}`` records whose loss is a sum over the completion
+    tokens, normalized by the window's token count (SFT, distillation)."""
+
+    def step_batches(self, model) -> List[Batch]:
+        out = []
+        for _ in range(self.config.grad_accum):
+            recs = self._next_records()
+            out.append(completion_batch(self.tokenizer, [r["prompt"] for r in recs],
+                                        [r["completion"] for r in recs], self.max_length))
+        return out
+
+    def window(self, batches) -> Batch:
+        return {"tokens": sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)}
+
+
+class SFT(_CompletionObjective):
     """Supervised fine-tuning on ``{"prompt", "completion"}`` records: the cross-entropy of the
     completion tokens (and EOS), ``sum_tokens CE / tokens in the accumulation window``.
 
@@ -154,17 +170,6 @@ class SFT(_RecordObjective):
                  max_length: Optional[int] = None):
         super().__init__(records, tokenizer, max_length)
         self.label_smoothing, self.z_loss = label_smoothing, z_loss
-
-    def step_batches(self, model) -> List[Batch]:
-        out = []
-        for _ in range(self.config.grad_accum):
-            recs = self._next_records()
-            out.append(completion_batch(self.tokenizer, [r["prompt"] for r in recs],
-                                        [r["completion"] for r in recs], self.max_length))
-        return out
-
-    def window(self, batches) -> Batch:
-        return {"tokens": sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)}
 
     def loss(self, model, batch, window):
         batch = _to(batch, _device(model))
@@ -477,7 +482,7 @@ class PolicyGradient(_RecordObjective):
             self.ref_model.load_state_dict(state["ref_model"])
 
 
-class Distill(_RecordObjective):
+class Distill(_CompletionObjective):
     """Distillation of ``teacher`` into the trained model on ``{"prompt", "completion"}`` records:
     ``sum_tokens D(teacher || student) / tokens in the window`` over the completion tokens, by
     :func:`posttrain_kernels.linear_distill_loss` (both heads fused, no logits of either model),
@@ -502,17 +507,6 @@ class Distill(_RecordObjective):
         # the teacher runs in eval mode under no_grad; its requires_grad flags stay as they are (it
         # may be a policy that a later stage trains again)
         self.teacher.eval()
-
-    def step_batches(self, model) -> List[Batch]:
-        out = []
-        for _ in range(self.config.grad_accum):
-            recs = self._next_records()
-            out.append(completion_batch(self.tokenizer, [r["prompt"] for r in recs],
-                                        [r["completion"] for r in recs], self.max_length))
-        return out
-
-    def window(self, batches) -> Batch:
-        return {"tokens": sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)}
 
     def loss(self, model, batch, window):
         batch = _to(batch, _device(model))
