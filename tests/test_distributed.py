@@ -14,11 +14,11 @@ full-batch result:
   ``models.cross_entropy`` and ``models.causal_lm_loss`` read the gathered ``(V, H)`` weight inside
   the forward, and the loss's backward re-gathers it; ``full_tensor()`` of each gradient equals
   the single-process gradient.
-* Trainer + SFT under DDP and under FSDP2 for 2 steps (grad_accum 2, clipping, AdamW): with a small subclass
-  (``DistributedSFT`` in the worker: shard the global batch by rank, normalize by the global
-  window's token count, scale by the world size) the parameters, losses and gradient norms equal
-  the single-process run on the same global batches. The stock ``SFT`` does none of this: under
-  DDP every rank draws the same records (same seed) and normalizes by its own tokens.
+* Trainer + SFT under DDP and under FSDP2 for 2 steps (grad_accum 2, clipping, AdamW): the trainer
+  splits each global batch over the ranks, sums the window's token count over them and scales
+  each rank's loss by the world size, so the parameters, the logged losses and the gradient norms
+  equal the single-process run (``distributed=False``) on the same global batches; likewise DPO
+  (Preference, pairs split over the ranks) under DDP.
 """
 import json
 import os
@@ -103,7 +103,7 @@ def _backends():
     "ddp-sum", "ddp-num_items", "ddp-logprobs",
     "fsdp2-root", "fsdp2-head_group", "fsdp2-causal_lm_loss", "fsdp2-head_group-causal_lm_loss",
     "fsdp2-logprobs", "fsdp2-tied",
-    "trainer-sft-ddp", "trainer-sft-fsdp2",
+    "trainer-sft-ddp", "trainer-sft-fsdp2", "trainer-preference-ddp",
 ])
 def test_matches_single_process(results, scenario, backend):
     r = _scenario(results, f"{scenario}-{backend}")

@@ -14,7 +14,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .metrics_log import MetricsLog, PeakMemory
-from .objectives import Objective
+from .objectives import Objective, rank_world
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -37,6 +37,17 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def _sum_over_ranks(values: Dict[str, Any]) -> Dict[str, Any]:
+    """Each value summed over the ranks of the default process group (one all-reduce)."""
+    keys = sorted(values)
+    if not keys:
+        return values
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: (int(round(x)) if isinstance(values[k], int) else torch.tensor(x))
+            for k, x in zip(keys, t.tolist())}
+
+
 class Trainer:
     """Trains ``model`` on ``objective`` for ``config.steps`` optimizer steps.
 
@@ -52,21 +63,32 @@ class Trainer:
     allocator's; on CPU the resident set's, Linux): activations, logits or their chunks, gradients,
     optimizer state created on the first step (see :class:`.metrics_log.PeakMemory`).
 
+    Under ``torch.distributed`` (DDP, FSDP2: gradients averaged over the ranks), every rank draws
+    the same global batches (same seed) and keeps every ``world``-th record of each; the window's
+    normalizers (tokens, pairs, rows) are summed over the ranks, each rank's loss is scaled by the
+    world size, and the logged metrics are the whole batch's: training equals one process on the
+    global batches (``batch_size`` counts records across all ranks). Rank 0 alone writes the
+    metrics and the checkpoints (whole under DDP; FSDP2's sharded state is not checkpointed yet).
+
     Checkpoints (``<out_dir>/checkpoint.pt``, written atomically every ``checkpoint_every`` steps
     and at the end) hold the model, the optimizer, the scheduler, the step, the objective's state
     (data position, rollouts in use, reference model) and every RNG state: ``train(resume=True)``
     continues exactly where the checkpoint was taken, with the same result as a run never
-    interrupted (built with the same model, objective and config).
+    interrupted (built with the same model, objective and config). ``distributed=False`` trains
+    this process alone even inside a process group.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, config: Optional[TrainConfig] = None, *,
                  eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None, eval_every: int = 0,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, distributed: Optional[bool] = None):
         self.model, self.objective = model, objective
         self.config = config or TrainConfig()
         self.eval_fn, self.eval_every = eval_fn, eval_every
         self.name = name or objective.name
         torch.manual_seed(self.config.seed)
+        # distributed=None: split the batches over the default process group when there is one
+        self.rank, self.world = rank_world() if distributed is not False else (0, 1)
+        objective.rank, objective.world = self.rank, self.world
         objective.bind(model, self.config)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -79,6 +101,10 @@ class Trainer:
         out = self.config.out_dir
         self.metrics_path = os.path.join(out, METRICS_FILE) if out else None
         self.checkpoint_path = os.path.join(out, CHECKPOINT_FILE) if out else None
+        if self.rank != 0:  # one writer: rank 0 logs and checkpoints (a DDP replica is whole)
+            self.metrics_path = self.checkpoint_path = None
+            self.config.progress = False
+            self.config.log_every = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: Optional[str] = None) -> str:
@@ -124,15 +150,19 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         batches = self.objective.step_batches(self.model)
-        window = self.objective.window(batches)
+        world = self.world
+        window = _sum_over_ranks(self.objective.window(batches)) if world > 1 else self.objective.window(batches)
         sums: Dict[str, torch.Tensor] = {}
         for batch in batches:
             with self._autocast():
                 loss, metrics = self.objective.loss(self.model, batch, window)
-            loss.backward()
+            # each rank's loss is its share of the window's; DDP / FSDP average the gradients
+            (loss * world if world > 1 else loss).backward()
             for k, v in metrics.items():
                 v = v.detach().float().cpu()
                 sums[k] = sums[k] + v if k in sums else v
+        if world > 1:  # the ranks' shares add up to the step's metrics
+            sums = _sum_over_ranks(sums)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.config.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)

@@ -66,8 +66,16 @@ def _check_options(options: Dict[str, Any], fns: Sequence[Callable], what: str, 
                          f"known: {', '.join(sorted(known))}")
 
 
+def rank_world() -> Tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(getattr(model, "module", model))  # the HF model inside a DDP wrapper
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -91,6 +99,19 @@ class Objective:
     """Interface of the trainer's objectives (see the module docstring)."""
 
     name = "objective"
+    # this process's rank and the number of ranks the trainer splits each global batch over (set
+    # by the Trainer before bind)
+    rank, world = 0, 1
+
+    def _shard(self, records: List[dict]) -> List[dict]:
+        """This rank's share of a global batch that every rank drew alike (the same seed): every
+        ``world``-th record from ``rank``."""
+        if self.world == 1:
+            return records
+        if len(records) < self.world:
+            raise ValueError(f"batch_size: {type(self).__name__} needs at least one record per rank, got a "
+                             f"global batch of {len(records)} for {self.world} ranks")
+        return records[self.rank::self.world]
 
     def bind(self, model: nn.Module, config) -> None:
         """Called once by the trainer: the data cursor, frozen copies, anything sized by config."""
@@ -129,7 +150,8 @@ class _RecordObjective(Objective):
         self.cursor = DataCursor(len(self.records), seed=config.seed)
 
     def _next_records(self) -> List[dict]:
-        return [self.records[i] for i in self.cursor.take(self.config.batch_size)]
+        """This rank's records of the next micro-batch (``batch_size`` records across all ranks)."""
+        return self._shard([self.records[i] for i in self.cursor.take(self.config.batch_size)])
 
     def state_dict(self) -> Dict[str, Any]:
         return {"cursor": self.cursor.state_dict()}
@@ -365,7 +387,7 @@ class PolicyGradient(_RecordObjective):
 
     # -- rollouts ----------------------------------------------------------------------------
     def _generate(self, model) -> List[Batch]:
-        recs = [self.records[i] for i in self.cursor.take(self.config.batch_size * self.config.grad_accum)]
+        recs = self._shard([self.records[i] for i in self.cursor.take(self.config.batch_size * self.config.grad_accum)])
         g = self.num_generations
         prompts = [r["prompt"] for r in recs for _ in range(g)]
         tok = self.tokenizer
@@ -374,7 +396,7 @@ class PolicyGradient(_RecordObjective):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            out = model.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+            out = getattr(model, "module", model).generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
                                  do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **self.generation_kwargs)
@@ -445,8 +467,8 @@ class PolicyGradient(_RecordObjective):
         kwargs = dict(self.policy_kwargs, loss_type=self.loss_type, beta=self.beta)
         if self.loss_type in _TOKEN_MEAN_TYPES and self.policy_kwargs.get("loss_agg_mode") in (None, "token-mean"):
             kwargs["num_items_in_batch"] = torch.tensor(float(max(window["tokens"], 1)), device=dev)
-        else:
-            kwargs["gradient_accumulation_steps"] = self.config.grad_accum
+        else:  # the per-rank normalizers are means over this rank's rows: divided by every rank's share
+            kwargs["gradient_accumulation_steps"] = self.config.grad_accum * self.world
 
         def fn(hidden, head):
             h = hidden[:, p - 1:-1]
