@@ -21,6 +21,8 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "reference")
 ENV_VAR = "POSTTRAIN_KERNELS_BACKEND"
 
 
+# (a constant to torch.compile: dynamo does not trace importlib.import_module, a graph break)
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")
