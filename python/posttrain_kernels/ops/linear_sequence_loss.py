@@ -79,10 +79,10 @@ class LinearSequenceLoss(torch.autograd.Function):
                     kept.append(z)
                 del z
             seq = torch.cat(seq_parts).view(-1, seq_len).sum(-1)  # ignored tokens have logp 0
-            with torch.enable_grad():
-                leaf = seq.detach().requires_grad_(grads is not None)
-                loss_g, met_g = seq_loss(leaf, gi)
-                g_seq = torch.autograd.grad(loss_g, leaf)[0] if grads is not None else None
+            if grads is not None:
+                g_seq, loss_g, met_g = _seq_grad(seq_loss, seq, gi)
+            else:
+                g_seq, (loss_g, met_g) = None, seq_loss(seq.detach(), gi)
             total += loss_g.detach()
             metrics += torch.stack([met_g[k].detach().float() for k in metric_names])
             if grads is None:
@@ -119,6 +119,18 @@ class LinearSequenceLoss(torch.autograd.Function):
         return (gh, gw, gb) + (None,) * 11
 
 
+def _seq_grad(seq_loss, seq: Tensor, gi: int):
+    """The group's loss, metrics and ``d loss / d seq``: ``torch.autograd.grad`` eagerly, ``torch.func``
+    under ``torch.compile`` (dynamo does not trace ``torch.autograd.grad`` by default)."""
+    if torch.compiler.is_compiling():
+        g_seq, (loss_g, met_g) = torch.func.grad_and_value(lambda x: seq_loss(x, gi), has_aux=True)(seq.detach())
+        return g_seq, loss_g, met_g
+    with torch.enable_grad():
+        leaf = seq.detach().requires_grad_(True)
+        loss_g, met_g = seq_loss(leaf, gi)
+        return torch.autograd.grad(loss_g, leaf)[0], loss_g, met_g
+
+
 def _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads, minus_one, ignore_index, backend):
     """A group that fits the chunk, in one pass: its rows gathered into one GEMM operand (one
     larger GEMM instead of one per range), the log-probs and the unit gradient
@@ -132,10 +144,7 @@ def _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads, minu
     nll, _ = chunk_ops.cross_entropy_fused_(z, lab_g[:, 0].contiguous(), minus_one, ignore_index, 0.0, 0.0,
                                             0.0, backend)
     seq = nll.neg().view(-1, seq_len).sum(-1)  # ignored tokens have loss 0
-    with torch.enable_grad():
-        leaf = seq.detach().requires_grad_(True)
-        loss_g, met_g = seq_loss(leaf, gi)
-        g_seq = torch.autograd.grad(loss_g, leaf)[0]
+    g_seq, loss_g, met_g = _seq_grad(seq_loss, seq, gi)
     g_tok = g_seq.to(_F32).repeat_interleave(seq_len)
     if grads.need_h:
         gh = torch.empty(h_g.shape, dtype=h_g.dtype, device=h_g.device)

@@ -113,6 +113,8 @@ def gradient_of_rows(loss_of: Callable[[Tensor, Tensor], Tensor], placeholder_lo
     group's rows live and every other row a placeholder; its gradient w.r.t. the live rows is the
     gradient of the batch's loss w.r.t. them (the other rows only add terms of their own)."""
     def token_grad(lp: Tensor, ent: Tensor, rows: slice):
+        if torch.compiler.is_compiling():
+            return _token_grad_func(loss_of, placeholder_logp, placeholder_entropy, need_entropy_grad, lp, ent, rows)
         with torch.enable_grad():
             lp_leaf = lp.detach().clone().requires_grad_(True)
             ent_leaf = ent.detach().clone().requires_grad_(need_entropy_grad)
@@ -127,3 +129,13 @@ def gradient_of_rows(loss_of: Callable[[Tensor, Tensor], Tensor], placeholder_lo
             g_ent = torch.zeros_like(ent) if got[1] is None else got[1]
         return g_lp, g_ent
     return token_grad
+
+
+def _token_grad_func(loss_of, placeholder_logp, placeholder_entropy, need_entropy_grad, lp, ent, rows):
+    """``token_grad`` through ``torch.func`` (dynamo traces it; not ``torch.autograd.grad``)."""
+    def f(lp_live, ent_live):
+        full_lp = torch.cat([placeholder_logp[:rows.start], lp_live, placeholder_logp[rows.stop:]])
+        full_ent = torch.cat([placeholder_entropy[:rows.start], ent_live, placeholder_entropy[rows.stop:]])
+        return loss_of(full_lp, full_ent)
+    g_lp, g_ent = torch.func.grad(f, argnums=(0, 1))(lp.detach(), ent.detach())
+    return g_lp, (g_ent if need_entropy_grad else None)
