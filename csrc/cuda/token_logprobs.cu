@@ -136,6 +136,8 @@ struct VecTraits<__half> {
   static constexpr int kUnroll = 2;
 };
 
+#include "cuda/vec_io.inc"
+
 // Scalar load (read-only path) upcast to fp32.
 __device__ __forceinline__ float load_scalar(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load_scalar(const __nv_bfloat16* p) {
@@ -144,16 +146,6 @@ __device__ __forceinline__ float load_scalar(const __nv_bfloat16* p) {
 }
 __device__ __forceinline__ float load_scalar(const __half* p) {
   return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
-}
-
-// Two 16-bit values of one 32-bit word (little endian: element 0 in the low half) to fp32.
-__device__ __forceinline__ void unpack2(unsigned w, float& lo, float& hi, __nv_bfloat16*) {
-  lo = __uint_as_float(w << 16);
-  hi = __uint_as_float(w & 0xffff0000u);
-}
-__device__ __forceinline__ void unpack2(unsigned w, float& lo, float& hi, __half*) {
-  lo = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
-  hi = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
 // One 16-byte vector to kVec fp32 values.
@@ -177,48 +169,6 @@ __device__ __forceinline__ void unpack_vec(const uint4& raw, float (&x)[VecTrait
   } else {
     unpack<T>(raw, x);
   }
-}
-
-// fp32 -> T (round to nearest even) and raw 16-bit patterns.
-__device__ __forceinline__ unsigned bits16(float v, __nv_bfloat16*) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-__device__ __forceinline__ unsigned bits16(float v, __half*) {
-  return __half_as_ushort(__float2half_rn(v));
-}
-template <typename T>
-__device__ __forceinline__ uint4 pack_vec(const float (&v)[VecTraits<T>::kVec]) {
-  uint4 r;
-  if constexpr (VecTraits<T>::kVec == 4) {
-    r.x = __float_as_uint(v[0]);
-    r.y = __float_as_uint(v[1]);
-    r.z = __float_as_uint(v[2]);
-    r.w = __float_as_uint(v[3]);
-  } else {
-    T* tag = nullptr;
-    r.x = bits16(v[0], tag) | (bits16(v[1], tag) << 16);
-    r.y = bits16(v[2], tag) | (bits16(v[3], tag) << 16);
-    r.z = bits16(v[4], tag) | (bits16(v[5], tag) << 16);
-    r.w = bits16(v[6], tag) | (bits16(v[7], tag) << 16);
-  }
-  return r;
-}
-__device__ __forceinline__ void store_scalar(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_scalar(__nv_bfloat16* p, float v) {
-  *p = __float2bfloat16_rn(v);
-}
-__device__ __forceinline__ void store_scalar(__half* p, float v) { *p = __float2half_rn(v); }
-
-// Number of leading elements of a row before its first 16-byte boundary (0 when aligned),
-// capped at vocab. Rows whose address is not even a multiple of sizeof(T) (never produced by
-// torch) are treated as all-scalar.
-template <typename T>
-__device__ __forceinline__ int align_head(const T* p, int vocab) {
-  constexpr int kVec = VecTraits<T>::kVec;
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
-  if (addr % sizeof(T) != 0) return vocab;
-  const int mis = static_cast<int>((addr % 16) / sizeof(T));
-  return min((kVec - mis) % kVec, vocab);
 }
 
 template <int M>
