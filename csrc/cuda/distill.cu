@@ -848,26 +848,6 @@ void check_sizes(const char* fn_name, int64_t n_rows, int64_t vocab) {
   }
 }
 
-void check_launch(const char* fn_name) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("posttrain_kernels CUDA ") + fn_name +
-                             ": kernel launch failed: " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-  }
-}
-
-// Threads per block: 256, halved while fewer than two vectors per thread would be left.
-template <typename T>
-int launch_threads(int64_t vocab) {
-  int threads = kMaxThreads;
-  while (threads > kMinThreads &&
-         static_cast<int64_t>(threads) * VecTraits<T>::kVec * 2 > vocab) {
-    threads /= 2;
-  }
-  return threads;
-}
-
 }  // namespace
 
 void distill_forward(const void* student, const void* teacher, int dtype, int64_t n_rows,

@@ -169,13 +169,10 @@ def _objective(stage: str, options: Dict[str, Any], data, tok, gen_kwargs, max_n
 def _compare(stage, model, options, config, data, tok, gen, teacher) -> List[Dict[str, Any]]:
     """The stage's first ``compare_steps`` steps on the reference losses, from a copy of the model."""
     twin = copy.deepcopy(model)
+    # the full run's config (so the learning rate of step k matches), stepped only compare_steps times
     tcfg, obj_opts = _split(stage, options, config, None, "reference", progress=False, log_every=0)
-    tcfg.steps = min(config.compare_steps, tcfg.steps)
-    # the same schedule as the full run: the learning rate of step k must match
-    tcfg_full, _ = _split(stage, options, config, None, "reference")
-    trainer = Trainer(twin, _objective(stage, obj_opts, data, tok, gen, config.max_new_tokens, teacher), tcfg_full)
-    trainer.config.progress, trainer.config.log_every = False, 0
-    records = [trainer.train_step() for _ in range(tcfg.steps)]
+    trainer = Trainer(twin, _objective(stage, obj_opts, data, tok, gen, config.max_new_tokens, teacher), tcfg)
+    records = [trainer.train_step() for _ in range(min(config.compare_steps, tcfg.steps))]
     del twin, trainer
     return records
 
