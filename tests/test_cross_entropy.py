@@ -218,9 +218,9 @@ def test_matches_torch_extreme_fp32(backend, device, eps):
 @pytest.mark.parametrize("opts", [(0.0, 0.0, None), (0.1, 1e-4, 30.0)], ids=opt_id)
 def test_all_ignored_mean_is_zero(backend, device, dtype, opts):
     logits, labels = make_case(6, 37, dtype, "all")
-    x = logits.clone().requires_grad_(True)
+    x = logits.clone().to(device).requires_grad_(True)
     eps, z, cap = opts
-    loss = ptk.cross_entropy(x, labels, label_smoothing=eps, z_loss=z, softcap=cap, backend=backend)
+    loss = ptk.cross_entropy(x, labels.to(device), label_smoothing=eps, z_loss=z, softcap=cap, backend=backend)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert loss.item() == 0.0, "all-ignored mean must be exactly 0, not nan"
     loss.backward()
@@ -229,7 +229,7 @@ def test_all_ignored_mean_is_zero(backend, device, dtype, opts):
     # PyTorch gives nan here; we deliberately differ
     assert torch.isnan(F.cross_entropy(logits.float(), labels, ignore_index=IGN))
     for reduction in ("sum", "none"):
-        out = ptk.cross_entropy(logits, labels, reduction=reduction, backend=backend)
+        out = ptk.cross_entropy(logits.to(device), labels.to(device), reduction=reduction, backend=backend)
         assert out.dtype == torch.float32 and (out == 0).all()
 
 
@@ -238,6 +238,7 @@ def test_all_ignored_mean_is_zero(backend, device, dtype, opts):
 def test_mean_divides_by_non_ignored_rows(backend, device, opts):
     logits, labels = make_case(10, 50, torch.float32, "none")
     labels[[0, 3, 4, 9]] = IGN  # 6 valid rows
+    logits, labels = logits.to(device), labels.to(device)
     eps, z, cap = opts
     kw = dict(label_smoothing=eps, z_loss=z, softcap=cap, backend=backend)
     per_row = ptk.cross_entropy(logits, labels, reduction="none", **kw)
@@ -257,9 +258,9 @@ def test_mean_divides_by_non_ignored_rows(backend, device, opts):
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
 def test_leading_shapes_noncontiguous_and_module(backend, device):
     torch.manual_seed(0)
-    base = torch.randn(2, 6, 50)
+    base = torch.randn(2, 6, 50).to(device)
     logits = base[:, :-1]  # (2, 5, 50), not viewable as one row stride
-    labels = torch.randint(0, 50, (2, 5))
+    labels = torch.randint(0, 50, (2, 5)).to(device)
     labels[0, 1] = IGN
     out = ptk.cross_entropy(logits, labels, reduction="none", backend=backend)
     assert out.shape == (2, 5)
@@ -270,8 +271,8 @@ def test_leading_shapes_noncontiguous_and_module(backend, device):
                                F.cross_entropy(logits.reshape(-1, 50), labels.reshape(-1),
                                                label_smoothing=0.1), atol=1e-5, rtol=1e-5)
     # vocabulary not unit-stride, int32 labels, custom ignore_index
-    lt = torch.randn(50, 8).t()
-    lab = torch.randint(0, 50, (8,), dtype=torch.int32)
+    lt = torch.randn(50, 8).to(device).t()
+    lab = torch.randint(0, 50, (8,), dtype=torch.int32).to(device)
     lab[2] = -1
     got = ptk.cross_entropy(lt, lab, ignore_index=-1, reduction="none", backend=backend)
     want = F.cross_entropy(lt, lab.long(), ignore_index=-1, reduction="none")
@@ -281,8 +282,8 @@ def test_leading_shapes_noncontiguous_and_module(backend, device):
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
 def test_does_not_mutate_inputs_and_double_backward(backend, device):
     torch.manual_seed(0)
-    logits = torch.randn(7, 33, requires_grad=True)
-    labels = torch.randint(0, 33, (7,))
+    logits = torch.randn(7, 33).to(device).requires_grad_(True)
+    labels = torch.randint(0, 33, (7,)).to(device)
     before, lab_before = logits.detach().clone(), labels.clone()
     loss = ptk.cross_entropy(logits, labels, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
                              backend=backend)

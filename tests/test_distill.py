@@ -6,7 +6,7 @@ import torch
 import posttrain_kernels as ptk
 from posttrain_kernels.reference import distill_loss_reference
 from budget import assert_within_budget
-from conftest import LIVE, fused_backends
+from conftest import HAS_CUDA, LIVE, fused_backends
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0), ("skew_kl", 0.1),
@@ -29,16 +29,17 @@ def make(shape, v_s, v_t, mask, seed=0):
     return s, t, (None if mask == "none" else labels)
 
 
-def run(backend, dtype, s, t, labels, **kw):
-    x = s.detach().to(dtype).requires_grad_(True)
-    loss = ptk.distill_loss(x, t.to(dtype), labels=labels, backend=backend, **kw)
-    up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(4), dtype=loss.dtype)
+def run(backend, dtype, s, t, labels, device="cpu", **kw):
+    x = s.detach().to(device=device, dtype=dtype).requires_grad_(True)
+    labels = None if labels is None else labels.to(device)
+    loss = ptk.distill_loss(x, t.to(device=device, dtype=dtype), labels=labels, backend=backend, **kw)
+    up = torch.randn(loss.shape, generator=torch.Generator().manual_seed(4), dtype=loss.dtype).to(device)
     loss.backward(up)
-    return [loss.detach(), x.grad]
+    return [loss.detach().cpu(), x.grad.cpu()]
 
 
-def check(backend, dtype, s, t, labels, **kw):
-    got = run(backend, dtype, s, t, labels, **kw)
+def check(backend, dtype, s, t, labels, device="cpu", **kw):
+    got = run(backend, dtype, s, t, labels, device, **kw)
     ref = run("reference", dtype, s, t, labels, **kw)
     oracle = run("reference", torch.float64, s, t, labels, **kw)
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype
@@ -90,7 +91,8 @@ def test_triton():
     pytest.importorskip("posttrain_kernels.kernels.distill")
     s, t, labels = make((2, 3), 97, 97, "some")
     for divergence, beta in [("forward_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)]:
-        check("triton", torch.float32, s, t, labels, divergence=divergence, beta=beta, temperature=0.7)
+        check("triton", torch.float32, s, t, labels, "cuda" if HAS_CUDA else "cpu", divergence=divergence, beta=beta,
+              temperature=0.7)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])

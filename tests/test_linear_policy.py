@@ -7,7 +7,7 @@ import posttrain_kernels as ptk
 from posttrain_kernels.api.policy import POLICY_METRIC_KEYS
 from posttrain_kernels.ops import linear_head
 from budget import assert_within_budget
-from conftest import LIVE, fused_backends
+from conftest import HAS_CUDA, LIVE, fused_backends
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 B, T, H, V = 4, 9, 16, 97
@@ -29,23 +29,24 @@ def make(seed=0):
     return hidden, weight, bias, labels, mask, old, adv, ref_hidden, ref_weight
 
 
-def run(backend, dtype, *, chunk_size=None, ref="hidden", on_policy=False, temperature=0.8, **kw):
+def run(backend, dtype, *, chunk_size=None, ref="hidden", on_policy=False, temperature=0.8, device="cpu", **kw):
     hidden, weight, bias, labels, mask, old, adv, rh, rw = make()
-    h, w, b = [x.detach().to(dtype).requires_grad_(True) for x in (hidden, weight, bias)]
+    h, w, b = [x.detach().to(device=device, dtype=dtype).requires_grad_(True) for x in (hidden, weight, bias)]
+    labels, mask, old, adv = (x.to(device) for x in (labels, mask, old, adv))
     refs = {}
     if ref == "hidden":
-        refs = dict(ref_hidden=rh.to(dtype), ref_weight=rw.to(dtype))
+        refs = dict(ref_hidden=rh.to(device=device, dtype=dtype), ref_weight=rw.to(device=device, dtype=dtype))
     elif ref == "logps":
-        refs = dict(ref_logps=-4.0 + 0.2 * torch.randn(B, T, generator=torch.Generator().manual_seed(9)))
+        refs = dict(ref_logps=-4.0 + 0.2 * torch.randn(B, T, generator=torch.Generator().manual_seed(9)).to(device))
     loss, metrics = ptk.linear_policy_loss(h, w, labels, None if on_policy else old, adv, mask, bias=b,
                                            temperature=temperature, chunk_size=chunk_size, backend=backend,
                                            **refs, **kw)
     loss.backward()
-    return [loss.detach(), h.grad, w.grad, b.grad], metrics
+    return [t.cpu() for t in (loss.detach(), h.grad, w.grad, b.grad)], {k: v.cpu() for k, v in metrics.items()}
 
 
-def check(backend, dtype, **kw):
-    got, got_m = run(backend, dtype, **kw)
+def check(backend, dtype, device="cpu", **kw):
+    got, got_m = run(backend, dtype, device=device, **kw)
     ref, ref_m = run("reference", dtype, **kw)
     oracle, oracle_m = run("reference", torch.float64, **kw)
     for name, a, b_, c in zip(["loss", "grad hidden", "grad weight", "grad bias"], got, ref, oracle):
@@ -63,7 +64,7 @@ def test_loss_types(backend, device, loss_type, chunk_size):
     kw = dict(loss_type=loss_type, beta=0.04)
     if loss_type == "cispo":
         kw["epsilon_high"] = 5.0
-    check(backend, torch.float32, chunk_size=chunk_size, **kw)
+    check(backend, torch.float32, device, chunk_size=chunk_size, **kw)
 
 
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
@@ -79,19 +80,21 @@ def test_loss_types(backend, device, loss_type, chunk_size):
     dict(loss_type="dr_grpo", max_completion_length=16, temperature=1.0),
 ], ids=lambda d: "-".join(f"{k}" for k in d))
 def test_options(backend, device, options):
-    check(backend, torch.float32, chunk_size=2 * T, **options)
+    check(backend, torch.float32, device, chunk_size=2 * T, **options)
 
 
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
 @pytest.mark.parametrize("gemm_mode", ["cpu-upcast", "native-bf16-gemm"])
 def test_bf16(backend, device, gemm_mode, monkeypatch):
+    if gemm_mode == "cpu-upcast" and device != "cpu":
+        pytest.skip("cpu-upcast is a CPU-only mode")
     monkeypatch.setattr(linear_head, "cpu_has_fast_low_precision_gemm", lambda: gemm_mode != "cpu-upcast")
-    check(backend, torch.bfloat16, chunk_size=2 * T, loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    check(backend, torch.bfloat16, device, chunk_size=2 * T, loss_type="dapo", beta=0.04, entropy_coef=0.01)
 
 
 @pytest.mark.skipif(not LIVE["triton"], reason="triton not runnable here")
 def test_triton():
-    check("triton", torch.float32, chunk_size=2 * T, loss_type="grpo", beta=0.04)
+    check("triton", torch.float32, "cuda" if HAS_CUDA else "cpu", chunk_size=2 * T, loss_type="grpo", beta=0.04)
 
 
 def test_three_gemms_when_a_group_fits(monkeypatch):

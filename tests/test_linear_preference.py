@@ -9,7 +9,7 @@ from posttrain_kernels.api.linear_preference import LINEAR_PREFERENCE_LOSS_TYPES
 from posttrain_kernels.ops import linear_head
 from posttrain_kernels.reference import linear_token_logprobs_reference
 from budget import assert_within_budget
-from conftest import LIVE, fused_backends
+from conftest import HAS_CUDA, LIVE, fused_backends
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 B, T, H, V = 3, 9, 16, 97
@@ -29,12 +29,12 @@ def make(dtype, seed=0, b=B, t=T, h=H, v=V):
     return [x.to(dtype) for x in (hidden, weight, bias)], labels, (ref_hidden.to(dtype), ref_weight.to(dtype))
 
 
-def run(backend, dtype, loss_type, *, ref="hidden", chunk_size=None, mask_pair=False, **kw):
+def run(backend, dtype, loss_type, *, ref="hidden", chunk_size=None, mask_pair=False, device="cpu", **kw):
     (hidden, weight, bias), labels, (rh, rw) = make(torch.float32)
     if mask_pair:
         labels[0] = -100
         labels[B] = -100          # pair 0: both completions fully masked
-    h, w, b = [x.detach().to(dtype).requires_grad_(True) for x in (hidden, weight, bias)]
+    h, w, b = [x.detach().to(device=device, dtype=dtype).requires_grad_(True) for x in (hidden, weight, bias)]
     if loss_type in ("simpo", "cpo", "orpo"):
         refs = {}
     elif ref == "hidden":
@@ -47,14 +47,15 @@ def run(backend, dtype, loss_type, *, ref="hidden", chunk_size=None, mask_pair=F
         kw = dict(kw, desirable=torch.tensor([True, False, True, True, False, False]))
         if loss_type == "kto":
             kw.setdefault("kl", 0.05)
-    loss, metrics = ptk.linear_preference_loss(h, w, labels, bias=b, loss_type=loss_type, backend=backend,
-                                               chunk_size=chunk_size, **refs, **kw)
+    refs, kw = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()} for d in (refs, kw))
+    loss, metrics = ptk.linear_preference_loss(h, w, labels.to(device), bias=b, loss_type=loss_type,
+                                               backend=backend, chunk_size=chunk_size, **refs, **kw)
     loss.backward()
-    return [loss.detach(), h.grad, w.grad, b.grad], metrics
+    return [t.cpu() for t in (loss.detach(), h.grad, w.grad, b.grad)], {k: v.cpu() for k, v in metrics.items()}
 
 
-def check(backend, dtype, loss_type, **kw):
-    got, got_m = run(backend, dtype, loss_type, **kw)
+def check(backend, dtype, loss_type, device="cpu", **kw):
+    got, got_m = run(backend, dtype, loss_type, device=device, **kw)
     ref, ref_m = run("reference", dtype, loss_type, **kw)
     oracle, oracle_m = run("reference", torch.float64, loss_type, **kw)
     for name, a, b, c in zip(["loss", "grad hidden", "grad weight", "grad bias"], got, ref, oracle):
@@ -77,15 +78,17 @@ def test_every_loss_type(backend, device, loss_type, chunk_size):
     kw = {}
     if loss_type in ("exo_pair", "robust"):
         kw["label_smoothing"] = 0.1
-    check(backend, torch.float32, loss_type, chunk_size=chunk_size, **kw)
+    check(backend, torch.float32, loss_type, device, chunk_size=chunk_size, **kw)
 
 
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "orpo", "kto"])
 @pytest.mark.parametrize("gemm_mode", ["cpu-upcast", "native-bf16-gemm"])
 def test_bf16(backend, device, loss_type, gemm_mode, monkeypatch):
+    if gemm_mode == "cpu-upcast" and device != "cpu":
+        pytest.skip("cpu-upcast is a CPU-only mode")
     monkeypatch.setattr(linear_head, "cpu_has_fast_low_precision_gemm", lambda: gemm_mode != "cpu-upcast")
-    check(backend, torch.bfloat16, loss_type, chunk_size=2 * T)
+    check(backend, torch.bfloat16, loss_type, device, chunk_size=2 * T)
 
 
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
@@ -104,12 +107,12 @@ def test_bf16(backend, device, loss_type, gemm_mode, monkeypatch):
     dict(loss_type="orpo", mask_pair=True),
 ], ids=lambda d: "-".join(f"{k}" for k in d))
 def test_options(backend, device, options):
-    check(backend, torch.float32, chunk_size=2 * T, **options)
+    check(backend, torch.float32, device=device, chunk_size=2 * T, **options)
 
 
 @pytest.mark.skipif(not LIVE["triton"], reason="triton not runnable here")
 def test_triton():
-    check("triton", torch.float32, "sigmoid", chunk_size=2 * T)
+    check("triton", torch.float32, "sigmoid", "cuda" if HAS_CUDA else "cpu", chunk_size=2 * T)
 
 
 def test_one_pass_when_a_group_fits(monkeypatch):

@@ -5,7 +5,7 @@ import torch
 import posttrain_kernels as ptk
 from posttrain_kernels.reference import linear_cross_entropy_reference, linear_token_logprobs_reference
 from budget import assert_within_budget
-from conftest import LIVE, fused_backends
+from conftest import HAS_CUDA, LIVE, fused_backends
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -23,13 +23,15 @@ def make(rows, h, v, k, dtype, mask, bias, seed=0):
     return hidden, weight, b, labels
 
 
-def leafs(*ts, dtype=None):
-    return [None if t is None else t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for t in ts]
+def leafs(*ts, dtype=None, device="cpu"):
+    return [None if t is None else t.detach().clone().to(device=device, dtype=dtype or t.dtype).requires_grad_(True)
+            for t in ts]
 
 
 def grads_of(out, upstream, params):
+    """Gradients of the leaves, on the CPU (where the references and oracles are compared)."""
     torch.autograd.backward(out, upstream)
-    return [None if p is None else p.grad for p in params]
+    return [None if p is None else p.grad.cpu() for p in params]
 
 
 def check_all(got, ref, oracle, dtype, what):
@@ -41,8 +43,9 @@ def check_all(got, ref, oracle, dtype, what):
         assert_within_budget(a, b, c, atol=2e-5, rtol=RTOL[dtype], what=name)
 
 
-def run_logprobs(backend, hidden, weight, bias, labels, dtype, **kw):
-    params = leafs(hidden, weight, bias, dtype=dtype)
+def run_logprobs(backend, hidden, weight, bias, labels, dtype, device="cpu", **kw):
+    params = leafs(hidden, weight, bias, dtype=dtype, device=device)
+    labels = labels.to(device)
     fn = (lambda *a, **k: linear_token_logprobs_reference(*a[:3], k.pop("bias"), k.pop("temperature"), -100,
                                                           True, k.pop("softcap"))) if backend == "reference" else None
     if backend == "reference":
@@ -51,8 +54,9 @@ def run_logprobs(backend, hidden, weight, bias, labels, dtype, **kw):
         lp, ent = ptk.linear_token_logprobs(params[0], params[1], labels, bias=params[2],
                                             return_entropy=True, backend=backend, **kw)
     g = torch.Generator().manual_seed(3)
-    up = [torch.randn(lp.shape, generator=g, dtype=lp.dtype), torch.randn(ent.shape, generator=g, dtype=ent.dtype)]
-    return [lp.detach(), ent.detach()] + grads_of([lp, ent], up, params)
+    up = [torch.randn(lp.shape, generator=g, dtype=lp.dtype).to(device),
+          torch.randn(ent.shape, generator=g, dtype=ent.dtype).to(device)]
+    return [lp.detach().cpu(), ent.detach().cpu()] + grads_of([lp, ent], up, params)
 
 
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
@@ -65,7 +69,7 @@ def test_linear_token_logprobs(backend, device, dtype, h, v, k, mask, chunk):
     rows = 6 if v == 32003 else 13
     hidden, weight, bias, labels = make(rows, h, v, k, dtype, mask, bias=(h == 33))
     kw = dict(temperature=0.7, softcap=(10.0 if v == 7 else None))
-    got = run_logprobs(backend, hidden, weight, bias, labels, dtype, chunk_size=chunk, **kw)
+    got = run_logprobs(backend, hidden, weight, bias, labels, dtype, device, chunk_size=chunk, **kw)
     ref = run_logprobs("reference", hidden, weight, bias, labels, dtype, **kw)
     oracle = run_logprobs("reference", hidden, weight, bias, labels, torch.float64, **kw)
     check_all(got, ref, oracle, dtype, ["logp", "entropy", "grad hidden", "grad weight", "grad bias"])
@@ -82,19 +86,20 @@ def test_linear_token_logprobs(backend, device, dtype, h, v, k, mask, chunk):
 def test_linear_cross_entropy(backend, device, dtype, reduction, mask, opts):
     hidden, weight, bias, labels = make(11, 33, 4097, 1, dtype, mask, bias=True)
 
-    def run(be, dt):
-        params = leafs(hidden, weight, bias, dtype=dt)
+    def run(be, dt, dev="cpu"):
+        params = leafs(hidden, weight, bias, dtype=dt, device=dev)
+        y = labels.to(dev)
         if be == "reference":
-            out = linear_cross_entropy_reference(params[0], params[1], labels, params[2], -100,
+            out = linear_cross_entropy_reference(params[0], params[1], y, params[2], -100,
                                                  opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0),
                                                  opts.get("softcap"), opts.get("logit_scale", 1.0), reduction)
         else:
-            out = ptk.linear_cross_entropy(params[0], params[1], labels, bias=params[2], reduction=reduction,
+            out = ptk.linear_cross_entropy(params[0], params[1], y, bias=params[2], reduction=reduction,
                                            chunk_size=3, backend=be, **opts)
-        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
-        return [out.detach()] + grads_of([out], [up], params)
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype).to(dev)
+        return [out.detach().cpu()] + grads_of([out], [up], params)
 
-    got, ref, oracle = run(backend, dtype), run("reference", dtype), run("reference", torch.float64)
+    got, ref, oracle = run(backend, dtype, device), run("reference", dtype), run("reference", torch.float64)
     assert got[0].dtype == torch.float32
     check_all(got, ref, oracle, dtype, ["loss", "grad hidden", "grad weight", "grad bias"])
     if mask == "all":
@@ -104,7 +109,9 @@ def test_linear_cross_entropy(backend, device, dtype, reduction, mask, opts):
 @pytest.mark.skipif(not LIVE["triton"], reason="triton not runnable here")
 def test_linear_triton_small():
     hidden, weight, bias, labels = make(5, 16, 300, 1, torch.float32, "some", bias=True)
-    got = run_logprobs("triton", hidden, weight, bias, labels, torch.float32, chunk_size=2, temperature=1.0, softcap=None)
+    device = "cuda" if HAS_CUDA else "cpu"  # CPU tensors only under the interpreter
+    got = run_logprobs("triton", hidden, weight, bias, labels, torch.float32, device, chunk_size=2, temperature=1.0,
+                       softcap=None)
     ref = run_logprobs("reference", hidden, weight, bias, labels, torch.float32, temperature=1.0, softcap=None)
     oracle = run_logprobs("reference", hidden, weight, bias, labels, torch.float64, temperature=1.0, softcap=None)
     check_all(got, ref, oracle, torch.float32, ["logp", "entropy", "grad hidden", "grad weight", "grad bias"])
@@ -113,25 +120,25 @@ def test_linear_triton_small():
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
 def test_frozen_tied_noncontiguous_and_no_mutation(backend, device):
     torch.manual_seed(0)
-    emb = torch.nn.Embedding(50, 16)            # tied: the head weight is the embedding matrix
-    seq = torch.randn(2, 7, 16, requires_grad=True)
+    emb = torch.nn.Embedding(50, 16).to(device)  # tied: the head weight is the embedding matrix
+    seq = torch.randn(2, 7, 16).to(device).requires_grad_(True)
     hidden = seq[:, :-1]                        # non-contiguous
     labels = torch.randint(0, 50, (2, 6))
     before = emb.weight.detach().clone()
-    loss = ptk.linear_cross_entropy(hidden, emb.weight, labels, backend=backend)
+    loss = ptk.linear_cross_entropy(hidden, emb.weight, labels.to(device), backend=backend)
     loss.backward()
-    ref_seq = seq.detach().clone().requires_grad_(True)
-    ref_w = emb.weight.detach().clone().requires_grad_(True)
+    ref_seq = seq.detach().cpu().clone().requires_grad_(True)
+    ref_w = emb.weight.detach().cpu().clone().requires_grad_(True)
     ref = linear_cross_entropy_reference(ref_seq[:, :-1], ref_w, labels)
     ref.backward()
-    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(seq.grad, ref_seq.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(emb.weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss.cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq.grad.cpu(), ref_seq.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(emb.weight.grad.cpu(), ref_w.grad, atol=1e-5, rtol=1e-4)
     assert torch.equal(emb.weight.detach(), before)
     # frozen head (LoRA): no weight gradient requested, hidden still gets one
-    w = torch.randn(50, 16)
-    h = torch.randn(5, 16, requires_grad=True)
-    lp, _ = ptk.linear_token_logprobs(h, w, torch.randint(0, 50, (5,)), backend=backend)
+    w = torch.randn(50, 16).to(device)
+    h = torch.randn(5, 16).to(device).requires_grad_(True)
+    lp, _ = ptk.linear_token_logprobs(h, w, torch.randint(0, 50, (5,)).to(device), backend=backend)
     lp.sum().backward()
     assert h.grad is not None and w.grad is None
 
@@ -139,20 +146,20 @@ def test_frozen_tied_noncontiguous_and_no_mutation(backend, device):
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
 def test_autocast_and_fp32_logits(backend, device):
     torch.manual_seed(0)
-    h = torch.randn(6, 32, requires_grad=True)
-    w = torch.randn(97, 32, requires_grad=True)
+    h = torch.randn(6, 32).to(device).requires_grad_(True)
+    w = torch.randn(97, 32).to(device).requires_grad_(True)
     y = torch.randint(0, 97, (6,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ptk.linear_cross_entropy(h, w, y, backend=backend)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = ptk.linear_cross_entropy(h, w, y.to(device), backend=backend)
     loss.backward()
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
-    ref = linear_cross_entropy_reference(h.detach().bfloat16(), w.detach().bfloat16(), y)
-    torch.testing.assert_close(loss, ref.float(), atol=2e-2, rtol=2e-2)
+    ref = linear_cross_entropy_reference(h.detach().cpu().bfloat16(), w.detach().cpu().bfloat16(), y)
+    torch.testing.assert_close(loss.cpu(), ref.float(), atol=2e-2, rtol=2e-2)
     # fp32 logits from bf16 weights match the fp32 computation of the same bf16 values
     hb, wb = h.detach().bfloat16(), w.detach().bfloat16()
-    lp, _ = ptk.linear_token_logprobs(hb, wb, y, fp32_logits=True, backend=backend)
-    lr, _ = linear_token_logprobs_reference(hb.float(), wb.float(), y)
-    torch.testing.assert_close(lp, lr, atol=1e-5, rtol=1e-5)
+    lp, _ = ptk.linear_token_logprobs(hb, wb, y.to(device), fp32_logits=True, backend=backend)
+    lr, _ = linear_token_logprobs_reference(hb.cpu().float(), wb.cpu().float(), y)
+    torch.testing.assert_close(lp.cpu(), lr, atol=1e-5, rtol=1e-5)
 
 
 def test_peak_memory_scales_with_chunk_not_tokens():
@@ -211,6 +218,7 @@ def test_no_grad_computes_no_gradients(monkeypatch):
 def test_torch_compile_fullgraph(backend, device, mask):
     torch._dynamo.reset()
     hidden, weight, bias, labels = make(9, 16, 40, 1, torch.float32, mask, bias=True)
+    labels = labels.to(device)
 
     def fn(h, w, b):
         ce = ptk.linear_cross_entropy(h, w, labels, bias=b, chunk_size=4, backend=backend)
@@ -218,8 +226,8 @@ def test_torch_compile_fullgraph(backend, device, mask):
                                             backend=backend)
         return ce + lp.sum() + 0.1 * ent.sum()
 
-    eager_p = leafs(hidden, weight, bias)
-    comp_p = leafs(hidden, weight, bias)
+    eager_p = leafs(hidden, weight, bias, device=device)
+    comp_p = leafs(hidden, weight, bias, device=device)
     out_e = fn(*eager_p)
     out_c = torch.compile(fn, fullgraph=True)(*comp_p)
     out_e.backward()
@@ -240,18 +248,19 @@ def test_per_token_weights_reduction_none(backend, device, dtype):
     tok_w = torch.randn(3, 7, generator=torch.Generator().manual_seed(11))
     tok_w[0, :3] = 0.0
 
-    def run(be, dt):
-        params = leafs(hidden, weight, bias, dtype=dt)
+    def run(be, dt, dev="cpu"):
+        params = leafs(hidden, weight, bias, dtype=dt, device=dev)
+        y, tw = labels.to(dev), tok_w.to(dev)
         if be == "reference":
-            rows = linear_cross_entropy_reference(params[0], params[1], labels, params[2], reduction="none")
+            rows = linear_cross_entropy_reference(params[0], params[1], y, params[2], reduction="none")
         else:
-            rows = ptk.linear_cross_entropy(params[0], params[1], labels, bias=params[2],
+            rows = ptk.linear_cross_entropy(params[0], params[1], y, bias=params[2],
                                             reduction="none", chunk_size=4, backend=be)
-        loss = (rows * tok_w.to(rows.dtype)).sum() / tok_w.abs().sum()
+        loss = (rows * tw.to(rows.dtype)).sum() / tw.abs().sum()
         loss.backward()
-        return [loss.detach()] + [p.grad for p in params]
+        return [loss.detach().cpu()] + [p.grad.cpu() for p in params]
 
-    got, ref, oracle = run(backend, dtype), run("reference", dtype), run("reference", torch.float64)
+    got, ref, oracle = run(backend, dtype, device), run("reference", dtype), run("reference", torch.float64)
     check_all(got, ref, oracle, dtype, ["loss", "grad hidden", "grad weight", "grad bias"])
     # a token whose weight is 0 gets no hidden gradient
     assert (got[1][0, :3] == 0).all()
@@ -268,19 +277,22 @@ def gemm_mode(request, monkeypatch):
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_bf16_gemm_modes(backend, device, gemm_mode, reduction):
+    if gemm_mode == "cpu-upcast" and device != "cpu":
+        pytest.skip("cpu-upcast is a CPU-only mode")
     hidden, weight, bias, labels = make(13, 33, 4097, 1, torch.bfloat16, "some", bias=True)
 
-    def run(be, dt):
-        params = leafs(hidden, weight, bias, dtype=dt)
+    def run(be, dt, dev="cpu"):
+        params = leafs(hidden, weight, bias, dtype=dt, device=dev)
+        y = labels.to(dev)
         if be == "reference":
-            out = linear_cross_entropy_reference(params[0], params[1], labels, params[2], reduction=reduction)
+            out = linear_cross_entropy_reference(params[0], params[1], y, params[2], reduction=reduction)
         else:
-            out = ptk.linear_cross_entropy(params[0], params[1], labels, bias=params[2], reduction=reduction,
+            out = ptk.linear_cross_entropy(params[0], params[1], y, bias=params[2], reduction=reduction,
                                            chunk_size=5, backend=be)
-        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
-        return [out.detach()] + grads_of([out], [up], params)
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype).to(dev)
+        return [out.detach().cpu()] + grads_of([out], [up], params)
 
-    got = run(backend, torch.bfloat16)
+    got = run(backend, torch.bfloat16, device)
     ref, oracle = run("reference", torch.bfloat16), run("reference", torch.float64)
     assert [t.dtype for t in got[1:]] == [torch.bfloat16] * 3
     check_all(got, ref, oracle, torch.bfloat16, ["loss", "grad hidden", "grad weight", "grad bias"])
@@ -290,20 +302,23 @@ def test_bf16_gemm_modes(backend, device, gemm_mode, reduction):
 def test_bf16_weight_grad_accumulated_in_fp32(backend, device, gemm_mode):
     """Hundreds of one-row chunks: a bf16 running sum of the weight gradient would round at every
     chunk; the fp32 accumulator keeps the error of the materialized bf16 computation."""
+    if gemm_mode == "cpu-upcast" and device != "cpu":
+        pytest.skip("cpu-upcast is a CPU-only mode")
     hidden, weight, _, labels = make(384, 32, 64, 1, torch.bfloat16, "none", bias=False)
 
-    def run(be, dt, chunk=None):
-        h, w = leafs(hidden, weight, dtype=dt)
+    def run(be, dt, chunk=None, dev="cpu"):
+        h, w = leafs(hidden, weight, dtype=dt, device=dev)
+        y = labels.to(dev)
         if be == "reference":
-            loss = linear_cross_entropy_reference(h, w, labels, reduction="sum")
+            loss = linear_cross_entropy_reference(h, w, y, reduction="sum")
         else:
-            loss = ptk.linear_cross_entropy(h, w, labels, reduction="sum", chunk_size=chunk, backend=be)
+            loss = ptk.linear_cross_entropy(h, w, y, reduction="sum", chunk_size=chunk, backend=be)
         loss.backward()
-        return w.grad.double()
+        return w.grad.double().cpu()
 
     oracle = run("reference", torch.float64)
     err_ref = (run("reference", torch.bfloat16) - oracle).norm() / oracle.norm()
-    err_one_row_chunks = (run(backend, torch.bfloat16, chunk=1) - oracle).norm() / oracle.norm()
+    err_one_row_chunks = (run(backend, torch.bfloat16, chunk=1, dev=device) - oracle).norm() / oracle.norm()
     assert err_one_row_chunks < 2 * err_ref + 1e-3, (err_one_row_chunks, err_ref)
 
 
@@ -322,3 +337,17 @@ def test_scalar_loss_second_backward_raises():
     torch.testing.assert_close(h.grad, ref_h.grad, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+
+
+def test_chunk_budget_per_device(monkeypatch):
+    """64 MiB on the CPU, 512 MiB on a GPU (whose GEMMs need large chunks), the env var above both."""
+    from posttrain_kernels.api.linear_token_logprobs import CHUNK_BYTES_ENV, _schedule, chunk_budget
+    monkeypatch.delenv(CHUNK_BYTES_ENV, raising=False)
+    assert chunk_budget() == chunk_budget("cpu") == 64 * 2**20
+    assert chunk_budget(torch.device("cuda")) == 512 * 2**20
+    w = torch.empty(131072, 4096, dtype=torch.bfloat16, device="meta")
+    # the GPU's schedule at the H100 benchmark's size: 2048-row chunks, tiles of every token
+    monkeypatch.setenv(CHUNK_BYTES_ENV, str(512 * 2**20))
+    assert _schedule(None, 16384, w, False) == (2048, (16384, 4096))
+    monkeypatch.setenv(CHUNK_BYTES_ENV, str(2**20))
+    assert chunk_budget("cuda") == chunk_budget() == 2**20

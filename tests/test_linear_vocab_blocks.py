@@ -6,7 +6,7 @@ import torch
 import posttrain_kernels as ptk
 from posttrain_kernels.ops import linear_head, linear_vocab_blocks
 from posttrain_kernels.reference import linear_cross_entropy_reference, linear_token_logprobs_reference
-from conftest import LIVE, fused_backends
+from conftest import HAS_CUDA, LIVE, fused_backends
 from test_linear_token_logprobs import check_all, grads_of, leafs, make
 
 H = 33
@@ -39,8 +39,9 @@ def assert_walked_all_blocks(seen, v):
     assert max(c1 for _, c1 in seen) == v
 
 
-def logprobs_run(backend, hidden, weight, bias, labels, dtype, ignore_index=-100, **kw):
-    params = leafs(hidden, weight, bias, dtype=dtype)
+def logprobs_run(backend, hidden, weight, bias, labels, dtype, ignore_index=-100, device="cpu", **kw):
+    params = leafs(hidden, weight, bias, dtype=dtype, device=device)
+    labels = labels.to(device)
     if backend == "reference":
         lp, ent = linear_token_logprobs_reference(params[0], params[1], labels, params[2],
                                                   kw["temperature"], ignore_index, True, kw["softcap"],
@@ -49,8 +50,9 @@ def logprobs_run(backend, hidden, weight, bias, labels, dtype, ignore_index=-100
         lp, ent = ptk.linear_token_logprobs(params[0], params[1], labels, bias=params[2], return_entropy=True,
                                             ignore_index=ignore_index, backend=backend, **kw)
     g = torch.Generator().manual_seed(3)
-    up = [torch.randn(lp.shape, generator=g, dtype=lp.dtype), torch.randn(ent.shape, generator=g, dtype=ent.dtype)]
-    return [lp.detach(), ent.detach()] + grads_of([lp, ent], up, params)
+    up = [torch.randn(lp.shape, generator=g, dtype=lp.dtype).to(device),
+          torch.randn(ent.shape, generator=g, dtype=ent.dtype).to(device)]
+    return [lp.detach().cpu(), ent.detach().cpu()] + grads_of([lp, ent], up, params)
 
 
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
@@ -58,13 +60,15 @@ def logprobs_run(backend, hidden, weight, bias, labels, dtype, ignore_index=-100
 @pytest.mark.parametrize("mask", ["none", "some", "all"])
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_logprobs_blocks(backend, device, small_blocks, gemm_mode, k, mask, chunk):
+    if gemm_mode == "cpu-upcast" and device != "cpu":
+        pytest.skip("cpu-upcast is a CPU-only mode")
     v = 4097  # 64 blocks of 64 columns and one of 1
     hidden, weight, bias, labels = make(17, H, v, k, torch.bfloat16, mask, bias=True)
     if k == 3:
         labels[1, 2] = labels[1, 0]  # a duplicate label: both upstream gradients add up
         labels[2, 1] = -100          # one ignored label among valid ones
     kw = dict(temperature=0.7, softcap=(8.0 if k == 3 else None), logit_scale=1.3)
-    got = logprobs_run(backend, hidden, weight, bias, labels, torch.bfloat16, chunk_size=chunk, **kw)
+    got = logprobs_run(backend, hidden, weight, bias, labels, torch.bfloat16, chunk_size=chunk, device=device, **kw)
     assert_walked_all_blocks(small_blocks, v)
     ref = logprobs_run("reference", hidden, weight, bias, labels, torch.bfloat16, **kw)
     oracle = logprobs_run("reference", hidden, weight, bias, labels, torch.float64, **kw)
@@ -74,8 +78,10 @@ def test_logprobs_blocks(backend, device, small_blocks, gemm_mode, k, mask, chun
         assert all((t == 0).all() for t in got)
 
 
-def ce_run(backend, hidden, weight, bias, labels, dtype, reduction, ignore_index=-100, chunk=None, **opts):
-    params = leafs(hidden, weight, bias, dtype=dtype)
+def ce_run(backend, hidden, weight, bias, labels, dtype, reduction, ignore_index=-100, chunk=None, device="cpu",
+           **opts):
+    params = leafs(hidden, weight, bias, dtype=dtype, device=device)
+    labels = labels.to(device)
     if backend == "reference":
         out = linear_cross_entropy_reference(params[0], params[1], labels, params[2], ignore_index,
                                              opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0),
@@ -83,8 +89,8 @@ def ce_run(backend, hidden, weight, bias, labels, dtype, reduction, ignore_index
     else:
         out = ptk.linear_cross_entropy(params[0], params[1], labels, bias=params[2], reduction=reduction,
                                        ignore_index=ignore_index, chunk_size=chunk, backend=backend, **opts)
-    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
-    return [out.detach()] + grads_of([out], [up], params)
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype).to(device)
+    return [out.detach().cpu()] + grads_of([out], [up], params)
 
 
 @pytest.mark.parametrize("backend,device", fused_backends(include_triton=False))
@@ -93,9 +99,11 @@ def ce_run(backend, hidden, weight, bias, labels, dtype, reduction, ignore_index
 @pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=6.0, logit_scale=0.5)],
                          ids=["plain", "smooth-z-cap-scale"])
 def test_cross_entropy_blocks(backend, device, small_blocks, gemm_mode, reduction, mask, opts):
+    if gemm_mode == "cpu-upcast" and device != "cpu":
+        pytest.skip("cpu-upcast is a CPU-only mode")
     v = 1000  # 15 blocks of 64 and one of 40: the smoothing term spreads over all 1000 columns
     hidden, weight, bias, labels = make(11, H, v, 1, torch.bfloat16, mask, bias=True)
-    got = ce_run(backend, hidden, weight, bias, labels, torch.bfloat16, reduction, chunk=4, **opts)
+    got = ce_run(backend, hidden, weight, bias, labels, torch.bfloat16, reduction, chunk=4, device=device, **opts)
     assert_walked_all_blocks(small_blocks, v)
     ref = ce_run("reference", hidden, weight, bias, labels, torch.bfloat16, reduction, **opts)
     oracle = ce_run("reference", hidden, weight, bias, labels, torch.float64, reduction, **opts)
@@ -116,7 +124,8 @@ def test_ignore_index_never_collides_with_block_codes(backend, device, small_blo
     if ignore_index >= 0:
         labels[6] = ignore_index  # ... and a row of the ignored class itself
     for red in ("none", "mean"):
-        got = ce_run(backend, hidden, weight, bias, labels, torch.bfloat16, red, ignore_index=ignore_index)
+        got = ce_run(backend, hidden, weight, bias, labels, torch.bfloat16, red, ignore_index=ignore_index,
+                     device=device)
         ref = ce_run("reference", hidden, weight, bias, labels, torch.bfloat16, red, ignore_index=ignore_index)
         oracle = ce_run("reference", hidden, weight, bias, labels, torch.float64, red, ignore_index=ignore_index)
         check_all(got, ref, oracle, torch.bfloat16, ["loss", "grad hidden", "grad weight"])
@@ -130,13 +139,14 @@ def test_triton_blocks(small_blocks):
     v = 150
     hidden, weight, bias, labels = make(6, H, v, 2, torch.bfloat16, "some", bias=True)
     kw = dict(temperature=1.0, softcap=None, logit_scale=1.0)
-    got = logprobs_run("triton", hidden, weight, bias, labels, torch.bfloat16, chunk_size=4, **kw)
+    device = "cuda" if HAS_CUDA else "cpu"  # CPU tensors only under the interpreter
+    got = logprobs_run("triton", hidden, weight, bias, labels, torch.bfloat16, chunk_size=4, device=device, **kw)
     ref = logprobs_run("reference", hidden, weight, bias, labels, torch.bfloat16, **kw)
     oracle = logprobs_run("reference", hidden, weight, bias, labels, torch.float64, **kw)
     check_all(got, ref, oracle, torch.bfloat16, ["logp", "entropy", "grad hidden", "grad weight", "grad bias"])
     labels1 = labels[:, 0].clone()
     opts = dict(label_smoothing=0.2, z_loss=1e-3, softcap=5.0)
-    got = ce_run("triton", hidden, weight, bias, labels1, torch.bfloat16, "mean", chunk=4, **opts)
+    got = ce_run("triton", hidden, weight, bias, labels1, torch.bfloat16, "mean", chunk=4, device=device, **opts)
     ref = ce_run("reference", hidden, weight, bias, labels1, torch.bfloat16, "mean", **opts)
     oracle = ce_run("reference", hidden, weight, bias, labels1, torch.float64, "mean", **opts)
     check_all(got, ref, oracle, torch.bfloat16, ["loss", "grad hidden", "grad weight", "grad bias"])
@@ -147,9 +157,10 @@ def test_triton_blocks(small_blocks):
 def test_fp32_head_and_frozen_head_keep_token_chunks(backend, device, small_blocks):
     """Only a bf16/fp16 head whose gradient is wanted walks vocabulary blocks."""
     hidden, weight, _, labels = make(8, H, 300, 1, torch.float32, "none", bias=False)
-    h, w = leafs(hidden, weight)
+    labels = labels.to(device)
+    h, w = leafs(hidden, weight, device=device)
     ptk.linear_cross_entropy(h, w, labels, backend=backend).backward()
-    h, w = leafs(hidden, weight, dtype=torch.bfloat16)
+    h, w = leafs(hidden, weight, dtype=torch.bfloat16, device=device)
     w.requires_grad_(False)
     ptk.linear_token_logprobs(h, w, labels, backend=backend)[0].sum().backward()
     assert small_blocks == [] and h.grad is not None and w.grad is None
