@@ -51,8 +51,8 @@ def linear_distill_loss(
             tokens (Liger's ``weight_hard_loss`` / ``weight_soft_loss`` with ``weight_soft = 1 - w``).
         divergence, beta, temperature, reduction: as :func:`distill_loss` (the scalar reductions;
             the common vocabulary prefix ``min(Vs, Vt)`` is compared).
-        chunk_size: token rows per chunk; by default ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB)
-            bounds each of the chunk's ``rows x max(Vs, Vt)`` fp32 buffers, as for the other
+        chunk_size: token rows per chunk; by default ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB on
+            the CPU, 512 MiB on a GPU) bounds each of the chunk's ``rows x max(Vs, Vt)`` fp32 buffers, as for the other
             fused-linear losses: student logits (which then hold the divergence's gradient) and
             teacher logits, plus a third for the gradient with the hard-label term.
 
@@ -123,7 +123,7 @@ def linear_distill_loss(
     # Vs <= Vt), as it bounds the one logits buffer of linear_cross_entropy: splitting it between
     # the buffers would halve the rows of every GEMM, which costs more time than the memory saves
     # (the GEMMs lose efficiency below ~512 rows).
-    chunk = chunk_size or max(1, chunk_budget() // (4 * max(vs, vt)))
+    chunk = chunk_size or max(1, chunk_budget(student_weight.device) // (4 * max(vs, vt)))
     with torch.autocast(dev.type, enabled=False):
         return LinearDistillLoss.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
                                        soft_scale, hard_scale, bool(w > 0), DIVERGENCE_CODES[divergence], beta,

@@ -18,18 +18,28 @@ from .token_logprobs import REDUCTIONS
 
 CHUNK_BYTES_ENV = "POSTTRAIN_KERNELS_CHUNK_BYTES"
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+# On a GPU the chunk's GEMMs must be large to run near the matrix units' rate, and each tile costs a
+# handful of launches: 512 MiB holds 2048 rows of a 131072-token vocabulary in bf16, and makes the
+# backward's vocabulary tiles span every token of a 16k-token batch (measured on an H100, see
+# benchmarks/results/nvidia-h100-80gb-hbm3: the 64 MiB of the CPU default ran 3x the GEMM floor).
+DEFAULT_CUDA_CHUNK_BYTES = 512 * 2**20
 
 
-def chunk_budget() -> int:
-    """The memory budget in bytes of one chunk (``POSTTRAIN_KERNELS_CHUNK_BYTES``, default 64 MiB):
-    a chunk's logits buffer, which then holds their gradient in place, together with its fp32
-    copies of weight and hidden rows where the GEMMs are upcast."""
-    return int(os.environ.get(CHUNK_BYTES_ENV, DEFAULT_CHUNK_BYTES))
+def chunk_budget(device=None) -> int:
+    """The memory budget in bytes of one chunk: ``POSTTRAIN_KERNELS_CHUNK_BYTES`` when set, else
+    64 MiB on the CPU and 512 MiB on a GPU. It bounds a chunk's logits buffer, which then holds
+    their gradient in place, together with its fp32 copies of weight and hidden rows where the
+    GEMMs are upcast."""
+    env = os.environ.get(CHUNK_BYTES_ENV)
+    if env:
+        return int(env)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return DEFAULT_CUDA_CHUNK_BYTES if on_gpu else DEFAULT_CHUNK_BYTES
 
 
 def _schedule(chunk_size, n_rows, weight, fp32_logits):
     """(rows per token chunk, (rows, cols) of a tile of the vocabulary-blocked backward)."""
-    budget = chunk_budget()
+    budget = chunk_budget(weight.device)
     chunk = chunk_size or forward_chunk_rows(budget, weight, fp32_logits)
     return chunk, vocab_tile(budget, n_rows, weight, fp32_logits, chunk_size)
 
@@ -107,7 +117,8 @@ def linear_token_logprobs(
         softcap: ``None`` or ``c > 0``: logits become ``c * tanh(logits / c)`` (before temperature).
         logit_scale: multiplies the logits first (e.g. Cohere's / Granite's logit scaling).
         chunk_size: rows per chunk; default from a memory budget of
-            ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB) for a chunk's logits buffer, which then
+            ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB on the CPU, 512 MiB on a GPU) for a chunk's
+            logits buffer, which then
             holds their gradient (in place). A bf16/fp16 head whose gradient is wanted runs its
             backward in tiles of ``chunk_size`` rows by a block of the vocabulary sized from the
             same budget (no ``(V, H)`` fp32 accumulator).
