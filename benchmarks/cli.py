@@ -71,8 +71,12 @@ def device_tag(device: torch.device) -> str:
 def format_table(rows: List[Row]) -> str:
     head = ["op", "dtype", "impl", "time ms", "vs eager", "vs compile", "peak extra MiB", "peak/grad",
             "peak vs eager", "working MiB", "working vs eager", "time / floor"]
-    if any(r.pct_copy_bandwidth is not None for r in rows):
+    with_bw = any(r.pct_copy_bandwidth is not None for r in rows)
+    with_tflops = any(r.tflops is not None for r in rows)
+    if with_bw:
         head.append("% copy BW")
+    if with_tflops:
+        head.append("TFLOP/s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     eager_peak = {(r.op, r.dtype): r.peak_extra_mib for r in rows if r.impl == "eager"}
@@ -92,8 +96,10 @@ def format_table(rows: List[Row]) -> str:
                     fmt(r.working_mib, ".0f"), fmt(work_vs_eager, ".2f")])]
         ft = floor_time.get((r.op, r.dtype))
         cells.append("-" if ft is None else f"{r.time_ms / ft:.2f}")
-        if len(head) > 12:
+        if with_bw:
             cells.append(fmt(r.pct_copy_bandwidth, ".0f"))
+        if with_tflops:
+            cells.append(fmt(r.tflops, ".1f" if (r.tflops or 0) < 10 else ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -42,6 +42,7 @@ class Row:
     speedup_vs_eager: Optional[float] = None
     speedup_vs_compile: Optional[float] = None
     pct_copy_bandwidth: Optional[float] = None
+    tflops: Optional[float] = None  # fused-linear ops: the floor's GEMM flops / time
     runs: int = 0  # timed runs behind time_ms
     timed_by_first_call: bool = False  # slower than slow_s: timed by its one (memory) call
 
@@ -127,9 +128,17 @@ def linear_implementations(op: str, device: torch.device, compile_reference: boo
                 h, w, y, options=opts_cls())
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
-            impls["cut-cross-entropy"] = lambda h, w, y: cce(h, w, y, impl="torch_compile")
+            # its Triton kernels on the GPU; its torch.compile implementation on the CPU
+            cce_impl = "cce" if device.type == "cuda" else "torch_compile"
+            impls["cut-cross-entropy"] = lambda h, w, y: cce(h, w, y, impl=cce_impl)
         except Exception:
             pass
+        if device.type == "cuda":  # Liger's fused-linear cross-entropy is Triton only
+            try:
+                liger = importlib.import_module("liger_kernel.transformers").LigerFusedLinearCrossEntropyLoss()
+                impls["liger-kernel fused linear CE"] = lambda h, w, y: liger(w, h, y)
+            except Exception:
+                pass
         for n in names:
             impls[f"ptk {n}"] = lambda h, w, y, b=n: linear_cross_entropy(h, w, y, backend=b)
     else:
@@ -148,6 +157,10 @@ def linear_implementations(op: str, device: torch.device, compile_reference: boo
     return impls
 
 
+def _floor_gemms(op: str, weight: torch.Tensor) -> int:
+    return 3 if (op == "linear_cross_entropy" and not use_vocab_blocks(weight, True)) else 4
+
+
 def _gemm_floor(op: str) -> Callable:
     """The head GEMMs the fused path runs (logits once or twice, then d hidden and d weight), whole
     and in the dtype the fused path multiplies in (fp32 for bf16 on CPUs without bf16 GEMMs), with
@@ -156,7 +169,7 @@ def _gemm_floor(op: str) -> Callable:
     logits: log-probs, and bf16/fp16 heads, whose backward walks vocabulary blocks). Its memory
     column is not meaningful."""
     def floor(h, w, y):
-        n_gemms = 3 if (op == "linear_cross_entropy" and not use_vocab_blocks(w, True)) else 4
+        n_gemms = _floor_gemms(op, w)
         with torch.no_grad():
             if logits_element_size(w, False) == 4:
                 h, w = h.float(), w.float()
@@ -179,6 +192,9 @@ def run_linear(op: str, dtype: torch.dtype, rows: int, hidden_size: int, vocab: 
     labels = torch.randint(0, vocab, (rows,), generator=gen).to(device)
     grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
     impls = _select(linear_implementations(op, device, compile_reference), only)
+    # effective rate: the floor's GEMMs (2 * rows * H * V flops each) over the measured time; for
+    # log-probs with entropy that is the 8 x tokens x H x V convention of GPU kernel papers
+    flops = _floor_gemms(op, weight) * 2.0 * rows * hidden_size * vocab
     out: List[Row] = []
     for i, (name, fn) in enumerate(impls.items()):
         progress(f"[{op} {str(dtype)[6:]}] {i + 1}/{len(impls)} {name}")
@@ -206,7 +222,7 @@ def run_linear(op: str, dtype: torch.dtype, rows: int, hidden_size: int, vocab: 
                        peak_extra_mib=None if peak is None else peak / 2**20,
                        grad_mib=grad_bytes / 2**20,
                        peak_over_grad=None if peak is None else peak / grad_bytes, runs=runs,
-                       timed_by_first_call=slow))
+                       timed_by_first_call=slow, tflops=flops / t / 1e12))
     return out
 
 
