@@ -79,7 +79,10 @@ def _backward(hidden, weight, bias, labels, ignore_index, need, head, chunk, til
 class LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, compute_entropy, softcap,
-                logit_scale, chunk, tile_rows, tile_cols, fp32_logits, backend):
+                logit_scale, chunk, tile_rows, tile_cols, fp32_logits, backend, chunk_hook=None):
+        # chunk_hook(x, rows, lse_rows): called with each chunk's soft-capped logits (before the
+        # temperature) while they exist, for per-row statistics without gradient (the TRL
+        # integration's argmax, mean logit, sum of squared probabilities); it must not write x.
         n, k = labels.shape
         f32 = dict(device=hidden.device, dtype=_F32)
         logp = torch.empty((n, k), **f32)
@@ -94,6 +97,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
             logp[sl], lse[sl] = lp, l
             if compute_entropy:
                 entropy[sl] = ent
+            if chunk_hook is not None:
+                chunk_hook(x, sl, l)
             del x
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.args = (inv_t, ignore_index, compute_entropy, softcap, logit_scale, chunk,
@@ -113,7 +118,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
                                              logit_scale, ignore, backend)
         gh, gw, gb = _backward(hidden, weight, bias, labels, ignore_index, ctx.needs_input_grad[:3],
                                head, chunk, tile, make_tile_grad)
-        return (gh, gw, gb) + (None,) * 11
+        return (gh, gw, gb) + (None,) * 12
 
 
 class LinearCrossEntropyRows(torch.autograd.Function):

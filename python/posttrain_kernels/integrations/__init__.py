@@ -1,0 +1,2 @@
+"""Integrations with training frameworks (each an optional dependency, imported on demand):
+``posttrain_kernels.integrations.trl``."""
