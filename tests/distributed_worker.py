@@ -203,6 +203,39 @@ def trainer_preference(rank, world, backend):
     return err
 
 
+def trainer_grpo(rank, world, backend):
+    """GRPO (PolicyGradient: group-normalized advantages, 2 updates per generation) under DDP for 2
+    steps. Each rank samples completions for its own share of the prompts, so no single-process
+    run equals it; what must hold is that the ranks stay one model (identical parameters after every
+    update) and log the same whole-batch metrics. The error is the largest difference between ranks."""
+    from posttrain_kernels.trainer import PolicyGradient
+
+    def length_reward(prompts, completions, **_):  # varies within a group: non-zero advantages
+        return [len(c) / 4.0 for c in completions]
+
+    torch.manual_seed(rank)  # the ranks' samples differ, as under torchrun
+    cfg = dict(steps=2, batch_size=4, lr=1e-3, schedule="constant", max_grad_norm=1.0, backend=backend,
+               progress=False)
+    model = DDP(tiny_model())
+    start = [p.detach().clone() for p in model.module.parameters()]
+    objective = PolicyGradient(DEFAULT_TASK.rl_prompts(8, seed=0), TOK, [length_reward], num_generations=2,
+                               max_new_tokens=4, num_iterations=2, loss_type="grpo")
+    hist = Trainer(model, objective, TrainConfig(**cfg)).train()
+    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(model.module.parameters(), start))
+    if not moved > 0:
+        raise AssertionError("GRPO under DDP did not update the model")
+    err = 0.0
+    for p in model.module.parameters():
+        copies = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(copies, p.detach().contiguous())
+        err = max(err, max(float((c - copies[0]).abs().max()) for c in copies))
+    logged = [None] * world
+    dist.all_gather_object(logged, [(h["loss"], h["reward"]) for h in hist])
+    for other in logged[1:]:
+        err = max(err, max(abs(a - b) for x, y in zip(logged[0], other) for a, b in zip(x, y)))
+    return err
+
+
 def scenarios():
     out = []
     for b in BACKENDS:
@@ -219,7 +252,8 @@ def scenarios():
                 (f"fsdp2-tied-{b}", fsdp2, dict(backend=b, tied=True)),
                 (f"trainer-sft-ddp-{b}", trainer_sft, dict(backend=b)),
                 (f"trainer-sft-fsdp2-{b}", trainer_sft, dict(backend=b, wrap="fsdp2")),
-                (f"trainer-preference-ddp-{b}", trainer_preference, dict(backend=b))]
+                (f"trainer-preference-ddp-{b}", trainer_preference, dict(backend=b)),
+                (f"trainer-grpo-ddp-{b}", trainer_grpo, dict(backend=b))]
     return out
 
 

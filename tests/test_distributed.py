@@ -19,6 +19,8 @@ full-batch result:
   each rank's loss by the world size, so the parameters, the logged losses and the gradient norms
   equal the single-process run (``distributed=False``) on the same global batches; likewise DPO
   (Preference, pairs split over the ranks) under DDP.
+* Trainer + PolicyGradient (GRPO) under DDP: the ranks sample their own completions, so the check
+  is that they stay one model (identical parameters) and log identical whole-batch metrics.
 """
 import json
 import os
@@ -109,6 +111,15 @@ def test_matches_single_process(results, scenario, backend):
     r = _scenario(results, f"{scenario}-{backend}")
     assert r["error"] is None, r["error"]
     assert r["max_err"] <= TOL, f"{scenario}-{backend}: max error {r['max_err']:.3g} > {TOL}"
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_grpo_ranks_stay_one_model(results, backend):
+    """GRPO under DDP: each rank samples its own completions (no single-process equivalent), the
+    parameters stay identical across ranks and every rank logs the same whole-batch metrics."""
+    r = _scenario(results, f"trainer-grpo-ddp-{backend}")
+    assert r["error"] is None, r["error"]
+    assert r["max_err"] <= TOL, f"ranks differ by {r['max_err']:.3g}"
 
 
 @pytest.mark.parametrize("backend", _backends())
