@@ -285,3 +285,23 @@ def test_rloo_trainer(tmp_path):
 
     theirs, ours = run_twice(make)
     compare(theirs, ours, rtol=5e-4, atol=2e-5, must=("loss", "reward"))
+
+
+def test_fused_head_fp32_hidden_bf16_head():
+    """GRPO's cast_lm_head_to_fp32: fp32 hidden states, a bf16 head, autocast off: an fp32 GEMM."""
+    from trl.kernels import ChunkedLogProbFunction
+    torch.manual_seed(1)
+    h = torch.randn(19, 32, requires_grad=True)
+    w = (torch.randn(97, 32) / 6).bfloat16().requires_grad_(True)
+    y = torch.randint(0, 97, (19,))
+    outs = ("log_probs", "entropy")
+    theirs = ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 64, None, 1.0, outs)
+    ours = ptk_trl.fused_head_logprobs(h, w, None, y, 1.0, 64, None, 1.0, outs)
+    for a, c in zip(theirs[:2], ours[:2]):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+    up = torch.randn(19)
+    ga = torch.autograd.grad(theirs[0] @ up + theirs[1].sum(), (h, w))
+    gc = torch.autograd.grad(ours[0] @ up + ours[1].sum(), (h, w))
+    assert gc[1].dtype == torch.bfloat16
+    for a, c in zip(ga, gc):
+        assert (a.float() - c.float()).norm() <= 1e-2 * a.float().norm()
