@@ -10,10 +10,7 @@ Not collected by pytest (no ``test_`` prefix). Run by hand::
 """
 from __future__ import annotations
 
-import datetime
-import json
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -28,6 +25,8 @@ from posttrain_kernels.pipeline.tiny_models import build_policy
 from posttrain_kernels.pipeline.tokenizer import default_tokenizer
 from posttrain_kernels.trainer import SFT, TrainConfig, Trainer
 from posttrain_kernels.trainer.batches import IGNORE, completion_batch
+
+from multiproc import run_cases
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64)
@@ -258,29 +257,8 @@ def scenarios():
 
 
 def main(path):
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    results = {}
-    for name, fn, kwargs in scenarios():
-        try:
-            err = fn(rank, world, **kwargs)
-            res = {"ok": err <= TOL, "max_err": err, "error": None}
-        except Exception as e:  # noqa: BLE001 - reported to the test
-            res = {"ok": False, "max_err": None,
-                   "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
-        # every rank's verdict: a failure on either rank fails the scenario
-        flags = [None] * world
-        dist.all_gather_object(flags, res)
-        bad = [f for f in flags if not f["ok"]]
-        results[name] = bad[0] if bad else max(flags, key=lambda f: f["max_err"])
-        if any(f["error"] is not None for f in flags):  # collectives may be out of step: stop
-            break
-        dist.barrier()
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.destroy_process_group()
+    run_cases(path, [(name, (lambda f, kw: lambda r, w: f(r, w, **kw))(fn, kwargs)) for name, fn, kwargs in scenarios()],
+              TOL, barrier=True)
 
 
 if __name__ == "__main__":

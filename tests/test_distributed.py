@@ -22,15 +22,12 @@ full-batch result:
 * Trainer + PolicyGradient (GRPO) under DDP: the ranks sample their own completions, so the check
   is that they stay one model (identical parameters) and log identical whole-batch metrics.
 """
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+
+from multiproc import launch
 
 pytest.importorskip("transformers")
 
@@ -51,40 +48,9 @@ def _distributed_ok() -> bool:
 pytestmark = pytest.mark.skipif(not _distributed_ok(), reason="needs torch.distributed with gloo")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "results.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    procs, logs = [], []
-    t0 = time.perf_counter()
-    for rank in range(WORLD):
-        log = open(out.parent / f"rank{rank}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(out)], env=dict(env, RANK=str(rank)),
-                                      stdout=log, stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            p.wait(timeout=240)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-    text = ""
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        text += f"--- rank {rank} (exit {procs[rank].returncode}) ---\n{log.read()[-4000:]}\n"
-        log.close()
-    if not out.exists():
-        pytest.fail(f"the distributed workers wrote no results:\n{text}")
-    res = json.loads(out.read_text())
-    res["_elapsed_s"] = time.perf_counter() - t0
-    return res
+    return launch(WORKER, WORLD, tmp_path_factory.mktemp("dist"), timeout=240, what="distributed")
 
 
 def _scenario(results, name):

@@ -14,12 +14,8 @@
   arguments on one rank (vocab_start, labels, a scalar that differs between ranks, a group of the
   wrong size) raising on every rank without a hang, the group still usable after.
 """
-import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -34,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "vocab_parallel_worker.py")
 sys.path.insert(0, HERE)
 import vocab_parallel_worker as W  # noqa: E402
+from multiproc import launch  # noqa: E402
 
 N, V, H = 13, 11, 8
 # (outputs, gradients) tolerances (atol = rtol); bf16 gradients may differ by one bf16 rounding
@@ -221,40 +218,8 @@ def _distributed_ok() -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, out_dir) -> dict:
-    out = out_dir / "results.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    procs, logs = [], []
-    t0 = time.perf_counter()
-    for rank in range(world):
-        log = open(out_dir / f"rank{rank}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(out)], env=dict(env, RANK=str(rank)),
-                                      stdout=log, stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            p.wait(timeout=150)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-    text = ""
-    for rank, log in enumerate(logs):
-        log.seek(0)
-        text += f"--- rank {rank} (exit {procs[rank].returncode}) ---\n{log.read()[-4000:]}\n"
-        log.close()
-    if not out.exists():
-        pytest.fail(f"the vocab-parallel workers (world {world}) wrote no results:\n{text}")
-    res = json.loads(out.read_text())
-    res["_elapsed_s"] = time.perf_counter() - t0
-    return res
+    return launch(WORKER, world, out_dir, timeout=150, what="vocab-parallel")
 
 
 @pytest.fixture(scope="module")

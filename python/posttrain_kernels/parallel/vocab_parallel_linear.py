@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import _validation as V
+from ..api.linear_token_logprobs import _autocast_inputs
 from ..ops.linear_head import _Head, accumulate_product
 from .process_group import LocalArgs, VocabShards, agree_on_shards, check_vocab_start
 from .shard_softmax import (ShardRowPartials, cross_entropy_logits_grad, cross_entropy_rows,
@@ -68,17 +69,6 @@ def _check_linear_local(hidden, weight_shard, bias_shard, labels, vocab_start, i
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r}")
     return vocab_start, width
-
-
-def _autocast(hidden, weight, bias):
-    """Under torch.autocast, cast once so that the forward and the backward's recomputation of the
-    logits use the same dtype (autocast is off inside the autograd function)."""
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-    return hidden, weight, bias
 
 
 def _chunks(n: int, chunk: int):
@@ -216,7 +206,8 @@ def _prepare(fn, hidden, weight_shard, bias_shard, labels, vocab_start, group, i
     shards = agree_on_shards(fn, group, device_of(hidden), check_local,
                              ("ignore_index", "hidden (its last dimension H)", "fp32_logits") + param_names,
                              vocab_size, check_ranks)
-    hidden, weight, bias = _autocast(hidden, weight_shard, bias_shard)
+    # dtypes were checked above (check_local): this casts under autocast only
+    hidden, weight, bias = _autocast_inputs(hidden, weight_shard, bias_shard)
     chunk = chunk_size or chunk_rows_for(shards.width, hidden.device)
     return (shards, hidden.reshape(-1, hidden.shape[-1]), weight, bias,
             labels.reshape(-1).to(torch.int64), chunk)
