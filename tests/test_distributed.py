@@ -25,7 +25,6 @@ full-batch result:
 import os
 
 import pytest
-import torch
 
 from multiproc import launch
 
