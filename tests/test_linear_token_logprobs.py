@@ -351,3 +351,9 @@ def test_chunk_budget_per_device(monkeypatch):
     assert _schedule(None, 16384, w, False) == (2048, (16384, 4096))
     monkeypatch.setenv(CHUNK_BYTES_ENV, str(2**20))
     assert chunk_budget("cuda") == chunk_budget() == 2**20
+    # the preference losses' groups: at least 128 MiB on the CPU by default, the env var above all
+    from posttrain_kernels.api.linear_token_logprobs import sequence_group_budget
+    assert sequence_group_budget("cpu") == 2**20
+    monkeypatch.delenv(CHUNK_BYTES_ENV)
+    assert sequence_group_budget("cpu") == 128 * 2**20
+    assert sequence_group_budget(torch.device("cuda")) == 512 * 2**20

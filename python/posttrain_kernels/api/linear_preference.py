@@ -12,7 +12,8 @@ from ..dispatch import resolve_backend
 from ..ops.linear_head import use_vocab_blocks
 from ..ops.linear_sequence_loss import LinearSequenceLoss
 from ..reference import linear_token_logprobs_reference
-from .linear_token_logprobs import _autocast_inputs, _prepare, _schedule, linear_token_logprobs
+from .linear_token_logprobs import (_autocast_inputs, _prepare, _schedule, linear_token_logprobs,
+                                    sequence_group_budget)
 from .preference import DPO_LOSS_TYPES, KTO_LOSS_TYPES, KTO_METRICS, PREFERENCE_METRICS, kto_loss, preference_loss
 from .preference_free import ORPO_METRICS, cpo_loss, orpo_loss, simpo_loss
 
@@ -131,7 +132,8 @@ def linear_preference_loss(
     kernels without gradients (one forward GEMM); reference-free loss types need neither.
 
     Schedule: the loss is a mean over pairs (examples) of terms of one pair each, so the pairs are
-    processed in groups that fit the chunk budget (``chunk_size`` token rows): a group's logits,
+    processed in groups that fit the chunk budget (``chunk_size`` token rows; by default
+    ``POSTTRAIN_KERNELS_CHUNK_BYTES``, at least 128 MiB on the CPU): a group's logits,
     log-probs, loss, and the gradient of its logits (written in place) follow one another, with
     the gradient GEMMs accumulating into the weight gradient in fp32: three GEMMs for the policy.
     ``"aot"`` / ``"aot_unpaired"``, which sort over the batch, form one group (recomputing its
@@ -197,7 +199,7 @@ def linear_preference_loss(
                                       chunk_size=chunk_size, fp32_logits=fp32_logits, backend=name)
         return _whole_batch_loss(_seq_sums(lp), ref, lengths, types, unpaired, desirable, beta, nll_alpha,
                                  average_log_prob, kl, policy_KL_logps, ref_KL_logps, loss_kwargs)
-    chunk, _ = _schedule(chunk_size, s * t, weight, fp32_logits)
+    chunk, _ = _schedule(chunk_size, s * t, weight, fp32_logits, sequence_group_budget(weight.device))
     if unpaired:
         groups, seq_loss = _kto_groups(s, t, chunk, ref, desirable, family, beta, kl, policy_KL_logps,
                                        ref_KL_logps, loss_kwargs)
