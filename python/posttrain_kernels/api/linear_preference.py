@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _validation as V
 from ..dispatch import resolve_backend
-from ..ops.linear_head import use_vocab_blocks
+from ..ops.linear_head import logits_element_size, use_vocab_blocks
 from ..ops.linear_sequence_loss import LinearSequenceLoss
 from ..reference import linear_token_logprobs_reference
 from .linear_token_logprobs import (_autocast_inputs, _prepare, _schedule, linear_token_logprobs,
@@ -244,6 +244,11 @@ def _reference_logps(ref_logps, ref_hidden, ref_weight, ref_bias, labels, s, ign
             lp, _ = linear_token_logprobs_reference(ref_hidden, ref_weight, labels, ref_bias,
                                                     ignore_index=ignore_index)
         else:
+            # no gradient, so nothing else is alive beside the chunk: the policy groups' budget
+            # (larger GEMMs on the CPU) costs no extra peak
+            if chunk_size is None:
+                chunk_size = max(1, sequence_group_budget(ref_weight.device)
+                                 // (ref_weight.shape[0] * logits_element_size(ref_weight, False)))
             lp, _ = linear_token_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias,
                                           ignore_index=ignore_index, chunk_size=chunk_size, backend=backend)
     return _seq_sums(lp)

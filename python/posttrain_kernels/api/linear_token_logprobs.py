@@ -42,8 +42,9 @@ def sequence_group_budget(device) -> int:
     chunk budget, but at least 128 MiB on the CPU unless ``POSTTRAIN_KERNELS_CHUNK_BYTES`` is set.
     A group holds whole pairs, and at 64 MiB a pair of 256-token sequences at V=32000 is the whole
     group: its 512-row GEMMs ran 8% slower than the floor's 2048-row ones (DPO at 1.10-1.14x the
-    GEMM floor); 128 MiB groups of two pairs measured 1.08x, with 197 MiB of peak memory against
-    Liger's 255 (benchmarks/results/cpu-amd-epyc-2c/preference-policy)."""
+    GEMM floor); 128 MiB groups of two pairs (and reference chunks of the same size) measured
+    1.05-1.07x, with 197 MiB of peak memory against Liger's 255
+    (benchmarks/results/cpu-amd-epyc-2c/preference-policy, dpo-isolated)."""
     budget = chunk_budget(device)
     if os.environ.get(CHUNK_BYTES_ENV) or torch.device(device).type == "cuda":
         return budget
