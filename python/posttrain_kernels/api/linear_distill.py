@@ -52,8 +52,8 @@ def linear_distill_loss(
         divergence, beta, temperature, reduction: as :func:`distill_loss` (the scalar reductions;
             the common vocabulary prefix ``min(Vs, Vt)`` is compared).
         chunk_size: token rows per chunk; by default ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB on
-            the CPU, 512 MiB on a GPU) bounds each of the chunk's ``rows x max(Vs, Vt)`` fp32 buffers, as for the other
-            fused-linear losses: student logits (which then hold the divergence's gradient) and
+            the CPU, 512 MiB on a GPU) bounds each of the chunk's ``rows x max(Vs, Vt)`` fp32
+            buffers, as for the other fused-linear losses: student logits (which then hold the divergence's gradient) and
             teacher logits, plus a third for the gradient with the hard-label term.
 
     Returns:
