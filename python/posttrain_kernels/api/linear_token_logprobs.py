@@ -132,9 +132,9 @@ def linear_token_logprobs(
         logit_scale: multiplies the logits first (e.g. Cohere's / Granite's logit scaling).
         chunk_size: rows per chunk; default from a memory budget of
             ``POSTTRAIN_KERNELS_CHUNK_BYTES`` (64 MiB on the CPU, 512 MiB on a GPU) for a chunk's
-            logits buffer, which then holds their gradient (in place). A bf16/fp16 head whose gradient is wanted runs its
-            backward in tiles of ``chunk_size`` rows by a block of the vocabulary sized from the
-            same budget (no ``(V, H)`` fp32 accumulator).
+            logits buffer, which then holds their gradient (in place). A bf16/fp16 head whose
+            gradient is wanted runs its backward in tiles of ``chunk_size`` rows by a block of the
+            vocabulary sized from the same budget (no ``(V, H)`` fp32 accumulator).
         fp32_logits: compute the head matmul in fp32 even for bf16/fp16 inputs (log-probs that match
             an inference engine computing fp32 logits).
         backend: backend of the per-chunk kernels (``"auto"``, ``"cpu"``, ``"triton"``, ...).
