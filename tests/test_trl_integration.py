@@ -1,6 +1,7 @@
 """posttrain_kernels.integrations.trl: TRL's own trainers, run a few steps on a tiny random Llama and
 tiny in-memory datasets, once with TRL's kernels and once patched onto ours; every logged number
 (loss and each metric the trainer logs) is compared step by step."""
+import contextlib
 import math
 
 import pytest
@@ -70,7 +71,7 @@ def run_twice(make_trainer, kernel="fused_head_logprobs"):
     setattr(module, kernel, counted)
     try:
         for patched in (False, True):
-            with (ptk_trl.fused_trl() if patched else _null()):
+            with (ptk_trl.fused_trl() if patched else contextlib.nullcontext()):
                 trainer = make_trainer()
                 trainer.train()
                 histories.append([h for h in trainer.state.log_history if "loss" in h])
@@ -81,14 +82,6 @@ def run_twice(make_trainer, kernel="fused_head_logprobs"):
     assert calls, f"the patched run never called {kernel}"
     assert not ptk_trl.is_patched()
     return histories
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def compare(theirs, ours, rtol, atol, must=()):

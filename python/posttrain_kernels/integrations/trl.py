@@ -33,10 +33,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..api.linear_token_logprobs import _autocast_inputs, _schedule
+from ..api.linear_token_logprobs import _schedule
 from ..dispatch import resolve_backend
 from ..ops.linear_token_logprobs import LinearTokenLogprobs
-from .trl_divergence import FusedDivergenceFunction, fused_divergence  # noqa: F401 (public)
+from .trl_divergence import FusedDivergenceFunction, fused_divergence, gemm_inputs  # noqa: F401 (public)
 
 try:
     import trl.trainer.utils as _trl_utils
@@ -76,14 +76,9 @@ def fused_head_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     unknown = set(outputs) - set(OPTIONAL_OUTPUTS) - {"log_probs"}
     if unknown:
         raise ValueError(f"outputs: expected names from {('log_probs',) + OPTIONAL_OUTPUTS}, got {sorted(unknown)}")
-    if torch.is_autocast_enabled(hidden.device.type):
-        hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    else:
-        # TRL's cast_lm_head_to_fp32 hands fp32 hidden states to a bf16 head: multiply in the wider
-        # dtype, as TRL's own kernel does (it upcasts each vocabulary tile of the weight)
-        wide = torch.promote_types(hidden.dtype, weight.dtype)
-        hidden, weight = hidden.to(wide), weight.to(wide)
-        bias = None if bias is None else bias.to(wide)
+    # autocast's dtype, else the wider one: TRL's cast_lm_head_to_fp32 hands fp32 hidden states to a
+    # bf16 head, and TRL's own kernel then multiplies in fp32
+    hidden, weight, bias = gemm_inputs(hidden, weight, bias)
     inv_t = 1.0 / float(temperature)
     cap = float(final_logit_softcapping) if final_logit_softcapping else 0.0
     f32 = dict(device=hidden.device, dtype=torch.float32)

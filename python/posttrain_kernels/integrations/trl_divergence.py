@@ -27,8 +27,9 @@ from ..ops.linear_head import _F32, _chain_scale, _Grads, _Head, _softcapped
 _JSD = DIVERGENCE_CODES["jsd"]
 
 
-def _cast(hidden, weight, bias):
-    """The GEMM dtype of one model: autocast's, else the wider of hidden's and weight's."""
+def gemm_inputs(hidden, weight, bias):
+    """Hidden, weight and bias in the GEMM dtype of one head: autocast's, else the wider of hidden's
+    and weight's."""
     if torch.is_autocast_enabled(hidden.device.type):
         return _autocast_inputs(hidden, weight, bias)
     wide = torch.promote_types(hidden.dtype, weight.dtype)
@@ -110,8 +111,8 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, student_bia
                          f"got {tuple(teacher_hidden.shape)} and {tuple(teacher_weight.shape)}")
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
-    hs, ws, bs = _cast(student_hidden, student_weight, student_bias)
-    ht, wt, bt = _cast(teacher_hidden, teacher_weight, teacher_bias)
+    hs, ws, bs = gemm_inputs(student_hidden, student_weight, student_bias)
+    ht, wt, bt = gemm_inputs(teacher_hidden, teacher_weight, teacher_bias)
     name = resolve_backend(backend, hs.device)
     # both chunks' logits, and the fp32 gradient, within the chunk budget
     chunk = max(1, chunk_budget(hs.device) // (4 * max(v, 1)))
