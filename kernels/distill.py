@@ -59,8 +59,10 @@ import triton.language as tl
 
 try:
     from ._aot import jit_like
+    from ._launch import unused_pointer, wrap_triton
 except ImportError:  # loaded as a standalone file (the interpreter tests load a private copy)
     from posttrain_kernels.kernels._aot import jit_like
+    from posttrain_kernels.kernels._launch import unused_pointer, wrap_triton
 
 __all__ = [
     "distill_forward",
@@ -174,6 +176,11 @@ def _distill_fwd_kernel(
     DIV between ``p = softmax(s)`` and ``q = softmax(t)``, ``c = sum_j p_j G_j`` (0 for forward
     KL); ``stats[r] = (lse_s, lse_t, c)``. Skipped rows are not read: loss 0, stats 0.
     """
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    inv_t = tl.cast(inv_t, tl.float32)
+    w = tl.cast(w, tl.float32)
+    log_w = tl.cast(log_w, tl.float32)
+    log_1mw = tl.cast(log_1mw, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row * stride_student_row
     teacher_row = teacher_ptr + row * stride_teacher_row
@@ -271,6 +278,11 @@ def _distill_bwd_kernel(
     ``grad[r, j] = (grad_loss[r] * inv_t) * (p_j - q_j)`` (forward KL) or
     ``(grad_loss[r] * inv_t) * p_j (G_j - c)`` (0 where ``p_j == 0``); 0 for skipped rows.
     """
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    inv_t = tl.cast(inv_t, tl.float32)
+    w = tl.cast(w, tl.float32)
+    log_w = tl.cast(log_w, tl.float32)
+    log_1mw = tl.cast(log_1mw, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row * stride_student_row
     teacher_row = teacher_ptr + row * stride_teacher_row
@@ -414,8 +426,8 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Option
         return loss, stats
     block_v, num_warps = launch_config(v)
     with _device_ctx(student):
-        _distill_fwd_kernel[(n,)](
-            student, teacher, labels if labels is not None else loss, loss, stats,
+        wrap_triton(_distill_fwd_kernel)[(n,)](
+            student, teacher, labels if labels is not None else unused_pointer(dev), loss, stats,
             student.stride(0), teacher.stride(0), labels.stride(0) if labels is not None else 0,
             v, float(inv_temperature), w, log_w, log_1mw, int(ignore_index),
             BLOCK_V=block_v, DIV=code, HAS_LABELS=labels is not None, num_warps=num_warps,
@@ -465,7 +477,7 @@ def distill_backward(student: torch.Tensor, teacher: torch.Tensor, labels: Optio
         return grad
     block_v, num_warps = launch_config(v)
     with _device_ctx(student):
-        _distill_bwd_kernel[(n,)](
+        wrap_triton(_distill_bwd_kernel)[(n,)](
             student, teacher, labels if labels is not None else stats, stats, grad_loss, grad,
             student.stride(0), teacher.stride(0), labels.stride(0) if labels is not None else 0,
             stats.stride(0), grad_loss.stride(0),

@@ -64,8 +64,10 @@ import triton.language as tl
 
 try:
     from ._aot import jit_like
+    from ._launch import unused_pointer, wrap_triton
 except ImportError:  # loaded as a standalone file (the interpreter tests load a private copy)
     from posttrain_kernels.kernels._aot import jit_like
+    from posttrain_kernels.kernels._launch import unused_pointer, wrap_triton
 
 __all__ = [
     "policy_token_loss_forward",
@@ -272,7 +274,7 @@ def _load_tile(
     in_row = cols < T
     w = tl.load(mask_row + cols, mask=in_row, other=0)
     valid = w != 0  # in the mask's own dtype, before any rounding to fp32
-    w = w.to(tl.float32)
+    w = tl.cast(w, tl.float32)
     lp = tl.load(logps_row + cols, mask=valid, other=0.0).to(tl.float32)
     if HAS_OLD:
         old = tl.load(old_row + cols, mask=valid, other=0.0).to(tl.float32)
@@ -357,6 +359,19 @@ def _policy_fwd_kernel(
 ):
     """Per row b: ``tok[b, t] = l`` (0 where masked) and ``part[b, :]``, the row sums of
     ``PARTIAL_COLUMNS`` (see the module docstring)."""
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    clip_lo = tl.cast(clip_lo, tl.float32)
+    clip_hi = tl.cast(clip_hi, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    clip_c = tl.cast(clip_c, tl.float32)
+    tau_pos = tl.cast(tau_pos, tl.float32)
+    tau_neg = tl.cast(tau_neg, tl.float32)
+    beta = tl.cast(beta, tl.float32)
+    opsm_thr = tl.cast(opsm_thr, tl.float32)
+    k_pos = tl.cast(k_pos, tl.float32)
+    lam_pos = tl.cast(lam_pos, tl.float32)
+    k_neg = tl.cast(k_neg, tl.float32)
+    lam_neg = tl.cast(lam_neg, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     logps_row = logps_ptr + row * stride_logps
     old_row = old_ptr + row * stride_old
@@ -544,6 +559,19 @@ def _policy_bwd_kernel(
     """Per row b, with ``g = grad_loss[b]``, ``h = grad_ent[b]``, ``hq = grad_entq[b]``:
     ``grad_lp[b, t] = g m (dl/dlp + F_b)`` (``F_b`` at sequence level only),
     ``grad_h[b, t] = m (h + hq e)`` (``h m`` without ENT_Q); 0 where masked."""
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    clip_lo = tl.cast(clip_lo, tl.float32)
+    clip_hi = tl.cast(clip_hi, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    clip_c = tl.cast(clip_c, tl.float32)
+    tau_pos = tl.cast(tau_pos, tl.float32)
+    tau_neg = tl.cast(tau_neg, tl.float32)
+    beta = tl.cast(beta, tl.float32)
+    opsm_thr = tl.cast(opsm_thr, tl.float32)
+    k_pos = tl.cast(k_pos, tl.float32)
+    lam_pos = tl.cast(lam_pos, tl.float32)
+    k_neg = tl.cast(k_neg, tl.float32)
+    lam_neg = tl.cast(lam_neg, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     logps_row = logps_ptr + row * stride_logps
     old_row = old_ptr + row * stride_old
@@ -680,7 +708,9 @@ def _inputs(logps, old_logps, advantages, mask, ref_logps, entropy=None):
     if mask.device != dev:
         raise ValueError(f"mask: expected a tensor on {dev} (the device of logps), got {mask.device}")
     if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)  # no copy: the kernels read 0 / 1 bytes
+        # no copy: the kernels read 0 / 1 bytes. Traced by torch.compile (a tensor subclass here),
+        # a byte copy instead: inductor has no lowering for a dtype view of a bool tensor
+        mask = mask.view(torch.uint8) if type(mask) is torch.Tensor else mask.to(torch.uint8)
     elif mask.dtype not in _LOADABLE:
         raise TypeError(f"mask: expected a bool or floating tensor, got dtype {mask.dtype}")
     if t > 1 and mask.stride(1) != 1:
@@ -808,9 +838,9 @@ def policy_token_loss_forward(
     if samp is None:  # the off-policy mask defaults to old_logps (logps itself: on-policy)
         samp = old
     isr_t = isr if isr is not None else logps            # placeholder, never read
-    thr_t = thr if thr is not None else part             # placeholder, never read
+    thr_t = thr if thr is not None else unused_pointer(dev)  # never read
     with _device_ctx(logps):
-        _policy_fwd_kernel[(b,)](
+        wrap_triton(_policy_fwd_kernel)[(b,)](
             logps, old, advantages, mask, ref, ent, samp, isr_t, thr_t, tok, part,
             logps.stride(0), old.stride(0), sab, sat, mask.stride(0), ref.stride(0), ent.stride(0),
             samp.stride(0), sib, sit, t, *vals,
@@ -919,9 +949,9 @@ def policy_token_loss_backward(
     gent = grad_entropy if has_gent else grad_loss
     gentq = grad_entropy_q if grad_entropy_q is not None else gent
     with _device_ctx(logps):
-        _policy_bwd_kernel[(b,)](
+        wrap_triton(_policy_bwd_kernel)[(b,)](
             logps, old, advantages, mask, ref, ent, isr_t, thr_t, part, grad_loss, gent, gentq, grad_lp,
-            grad_h if has_gent else grad_lp,
+            grad_h if has_gent else unused_pointer(dev),
             logps.stride(0), old.stride(0), sab, sat, mask.stride(0), ref.stride(0), ent.stride(0), sib, sit,
             grad_loss.stride(0), gent.stride(0), gentq.stride(0), t, *vals,
             LOSS=kind, HAS_DUAL=has_dual, HAS_OLD=old_logps is not None, HAS_REF=ref_logps is not None,

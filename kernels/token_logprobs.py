@@ -32,8 +32,10 @@ import triton.language as tl
 
 try:
     from ._aot import jit_like
+    from ._launch import unused_pointer, wrap_triton
 except ImportError:  # loaded as a standalone file (the interpreter tests load a private copy)
     from posttrain_kernels.kernels._aot import jit_like
+    from posttrain_kernels.kernels._launch import unused_pointer, wrap_triton
 
 __all__ = [
     "token_logprobs_forward",
@@ -116,6 +118,8 @@ def _token_logprobs_fwd_kernel(
     ``entropy[r] = lse - sum_j p_j x_j`` with ``p = exp(x - lse)``.
     Rows whose labels are all ignored are skipped: logp 0, entropy 0, lse 0.
     """
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    inv_t = tl.cast(inv_t, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     labels_row = labels_ptr + row * stride_labels_row
@@ -188,6 +192,8 @@ def _token_logprobs_bwd_kernel(
     ``grad_logits[r, j] = inv_t * (sum_k g_k [j == y_k] - G p_j - gH p_j (x_j - lse + H))``,
     the gH term being 0 where ``p_j == 0``; rows whose labels are all ignored get 0.
     """
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    inv_t = tl.cast(inv_t, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     labels_row = labels_ptr + row * stride_labels_row
@@ -329,6 +335,11 @@ def _cross_entropy_fwd_kernel(
     """Per row r: ``x = c tanh(logits[r] / c)`` (or ``logits[r]``), ``lse = logsumexp(x)``,
     ``loss[r] = (1 - eps)(lse - x_y) + eps (lse - sum_j x_j / V) + z lse^2``; 0 where y is ignored.
     """
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    label_smoothing = tl.cast(label_smoothing, tl.float32)
+    z_loss = tl.cast(z_loss, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_softcap = tl.cast(inv_softcap, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     lab = tl.load(labels_ptr + row * stride_labels)
     loss, lse = _cross_entropy_row_forward(
@@ -363,6 +374,12 @@ def _cross_entropy_bwd_kernel(
     (the last factor only with soft-capping); ignored rows get 0; a label outside [0, V) adds no
     one-hot term (the row's label lies in another column block).
     """
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    label_smoothing = tl.cast(label_smoothing, tl.float32)
+    eps_per_class = tl.cast(eps_per_class, tl.float32)
+    z_loss = tl.cast(z_loss, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_softcap = tl.cast(inv_softcap, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     lab = tl.load(labels_ptr + row * stride_labels)
     _cross_entropy_row_backward(
@@ -392,6 +409,11 @@ def _cross_entropy_fused_kernel(
     """The forward kernel's loss and lse, then the backward kernel's gradient written over the
     row (the chunk buffer of the fused-linear loss): the second pass reads the row while it is
     still in cache, and no second ``[N, V]`` buffer exists."""
+    # fp32 whatever the launch typed them (inductor types Python floats of user kernels as fp64)
+    label_smoothing = tl.cast(label_smoothing, tl.float32)
+    z_loss = tl.cast(z_loss, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_softcap = tl.cast(inv_softcap, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     lab = tl.load(labels_ptr + row * stride_labels)
     row_valid = lab != ignore_index
@@ -499,8 +521,8 @@ def token_logprobs_forward(
         return logp, entropy, lse
     block_v, num_warps = launch_config(v)
     with _device_ctx(logits):
-        _token_logprobs_fwd_kernel[(n,)](
-            logits, labels, logp, entropy if compute_entropy else lse, lse,
+        wrap_triton(_token_logprobs_fwd_kernel)[(n,)](
+            logits, labels, logp, entropy if compute_entropy else unused_pointer(dev), lse,
             logits.stride(0), labels.stride(0), labels.stride(1),
             v, k, float(inv_temperature), int(ignore_index),
             BLOCK_V=block_v, HAS_ENTROPY=bool(compute_entropy), num_warps=num_warps,
@@ -550,7 +572,7 @@ def token_logprobs_backward(
     gent = grad_entropy if grad_entropy is not None else lse  # placeholder, never read
     ent = entropy if grad_entropy is not None else lse  # placeholder, never read
     with _device_ctx(logits):
-        _token_logprobs_bwd_kernel[(n,)](
+        wrap_triton(_token_logprobs_bwd_kernel)[(n,)](
             logits, labels, lse, ent, glogp, gent, grad_logits,
             logits.stride(0), labels.stride(0), labels.stride(1),
             grad_logp.stride(0) if grad_logp is not None else 0,
@@ -595,7 +617,7 @@ def cross_entropy_forward(
     has_softcap, c, inv_c = _softcap_args(softcap)
     block_v, num_warps = launch_config(v)
     with _device_ctx(logits):
-        _cross_entropy_fwd_kernel[(n,)](
+        wrap_triton(_cross_entropy_fwd_kernel)[(n,)](
             logits, labels, loss, lse,
             logits.stride(0), labels.stride(0),
             v, int(ignore_index), float(label_smoothing), float(z_loss), c, inv_c,
@@ -637,7 +659,7 @@ def cross_entropy_backward(
     has_softcap, c, inv_c = _softcap_args(softcap)
     block_v, num_warps = launch_config(v)
     with _device_ctx(logits):
-        _cross_entropy_bwd_kernel[(n,)](
+        wrap_triton(_cross_entropy_bwd_kernel)[(n,)](
             logits, labels, lse, grad_loss, grad_logits,
             logits.stride(0), labels.stride(0), grad_loss.stride(0),
             v, int(ignore_index), float(label_smoothing),
@@ -675,7 +697,7 @@ def cross_entropy_fused(
     has_softcap, c, inv_c = _softcap_args(softcap)
     block_v, num_warps = launch_config(v)
     with _device_ctx(logits):
-        _cross_entropy_fused_kernel[(n,)](
+        wrap_triton(_cross_entropy_fused_kernel)[(n,)](
             logits, labels, grad_loss, loss, lse,
             labels.stride(0), grad_loss.stride(0),
             v, int(ignore_index), float(label_smoothing), float(z_loss), c, inv_c,

@@ -10,6 +10,7 @@ import posttrain_kernels.ops.distill  # noqa: F401  (registers torch.ops.posttra
 import posttrain_kernels.ops.policy  # noqa: F401
 import posttrain_kernels.ops.token_logprobs  # noqa: F401
 from conftest import LIVE
+from posttrain_kernels.ops.registration import TRITON_TRACEABLE
 from test_compile import IGN, compile_counted, fresh_dynamo, make  # noqa: F401  (fixture)
 
 BACKENDS = [pytest.param("torch", id="torch"),
@@ -26,7 +27,9 @@ COVERED = {"token_logprobs_forward", "token_logprobs_backward", "token_logprobs_
 def test_every_custom_op_is_covered():
     registered = {name for name in dir(ops) if not name.startswith("_") and isinstance(
         getattr(ops, name), torch._ops.OpOverloadPacket)}
-    assert registered == COVERED, f"custom ops without an opcheck: {sorted(registered - COVERED)}"
+    # where the ops are triton_ops, each has an opaque <op>_native companion (ops/registration.py)
+    expected = COVERED | ({f"{name}_native" for name in COVERED} if TRITON_TRACEABLE else set())
+    assert registered == expected, f"custom ops without an opcheck: {sorted(registered - expected)}"
 
 
 def _opcheck(op, args, kwargs=None):
@@ -284,6 +287,29 @@ def test_compiled_linear_policy_loss():
     adv = torch.randn(2, generator=g)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     check_compiled_step(fn, (h, w, labels, old, adv, mask), [0, 1])
+
+
+@pytest.mark.skipif(not LIVE["triton"], reason="triton not installed")
+def test_compiled_linear_policy_loss_with_fused_policy_op(monkeypatch):
+    # the policy term of linear_policy_loss resolves its backend itself ("auto"): with the fused
+    # policy op there (CUDA tensors, or here POSTTRAIN_KERNELS_BACKEND=triton under the
+    # interpreter), the token gradient taken by torch.func under torch.compile must not go through
+    # the custom op (torch.func cannot differentiate one)
+    monkeypatch.setenv("POSTTRAIN_KERNELS_BACKEND", "triton")
+
+    def fn(h, w, y, old, adv, mask):
+        return ptk.linear_policy_loss(h, w, y, old, adv, mask, loss_type="grpo", temperature=0.7,
+                                      chunk_size=4, backend="cpu" if LIVE["cpu"] else "torch")
+
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(2, 4, 8, generator=g)
+    w = torch.randn(13, 8, generator=g) * 0.5
+    labels = torch.randint(0, 13, (2, 4), generator=g)
+    old = -torch.rand(2, 4, generator=g) * 3
+    adv = torch.randn(2, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    # (the fused op traced: its metrics, outside torch.func)
+    check_compiled_step(fn, (h, w, labels, old, adv, mask), [0, 1], "policy_token_loss_forward", atol=1e-5)
 
 
 def test_compiled_linear_distill_loss():

@@ -39,12 +39,18 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
                 f"{name}: expected a tensor on {first.device} (the device of {first_name}), got {t.device}")
 
 
+def _finite(v: float) -> bool:
+    # not math.isfinite: under torch.compile(dynamic=True) ``float(value)`` may be a SymFloat,
+    # which math.isfinite cannot take (a graph break); a comparison guards on it instead
+    return abs(v) < math.inf
+
+
 def check_positive(name: str, value) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a positive number, got {value!r}") from None
-    if not (v > 0 and math.isfinite(v)):
+    if not (v > 0 and _finite(v)):
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return v
 
@@ -54,7 +60,7 @@ def check_finite(name: str, value) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(v):
+    if not _finite(v):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     return v
 

@@ -10,11 +10,18 @@ import torch
 from torch import Tensor
 
 from ..dispatch import distill_launchers
+from .registration import kernel_op
 
 _F32 = torch.float32
 
 
-@torch.library.custom_op("posttrain_kernels::distill_forward", mutates_args=())
+def _distill_forward_fake(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, backend):
+    n = student.shape[0]
+    return student.new_empty((n,), dtype=_F32), student.new_empty((n, 3), dtype=_F32)
+
+
+@kernel_op("posttrain_kernels::distill_forward", mutates_args=(), fake=_distill_forward_fake,
+           family="distill")
 def distill_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
                     divergence: int, beta: float, inv_temperature: float, backend: str) -> Tuple[Tensor, Tensor]:
     """student, teacher (N, V) -> per-row divergence (N,) fp32, stats (N, 3) fp32."""
@@ -22,24 +29,19 @@ def distill_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], 
                                                       inv_temperature)
 
 
-@distill_forward.register_fake
-def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, backend):
-    n = student.shape[0]
-    return student.new_empty((n,), dtype=_F32), student.new_empty((n, 3), dtype=_F32)
+def _distill_backward_fake(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats,
+                           grad_loss, backend):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("posttrain_kernels::distill_backward", mutates_args=())
+@kernel_op("posttrain_kernels::distill_backward", mutates_args=(), fake=_distill_backward_fake,
+           family="distill")
 def distill_backward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
                      divergence: int, beta: float, inv_temperature: float, stats: Tensor, grad_loss: Tensor,
                      backend: str) -> Tensor:
     """The student's gradient (N, V) in its dtype, written once."""
     return distill_launchers(backend).distill_backward(student, teacher, labels, ignore_index, divergence, beta,
                                                        inv_temperature, stats, grad_loss)
-
-
-@distill_backward.register_fake
-def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats, grad_loss, backend):
-    return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 def _setup(ctx, inputs, output):
@@ -60,7 +62,14 @@ def _backward(ctx, grad_loss, _grad_stats):
 distill_forward.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("posttrain_kernels::distill_backward_", mutates_args=("student",))
+def _distill_backward_inplace_fake(student, teacher, labels, ignore_index, divergence, beta,
+                                   inv_temperature, stats, grad_loss, backend):
+    return None
+
+
+@kernel_op("posttrain_kernels::distill_backward_", mutates_args=("student",),
+           fake=_distill_backward_inplace_fake,
+           family="distill")
 def distill_backward_(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
                       divergence: int, beta: float, inv_temperature: float, stats: Tensor, grad_loss: Tensor,
                       backend: str) -> None:
@@ -70,12 +79,15 @@ def distill_backward_(student: Tensor, teacher: Tensor, labels: Optional[Tensor]
                                                 inv_temperature, stats, grad_loss, out=student)
 
 
-@distill_backward_.register_fake
-def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats, grad_loss, backend):
-    return None
+def _distill_fused_inplace_fake(student, teacher, labels, ignore_index, divergence, beta, inv_temperature,
+                                grad_loss, backend):
+    n = student.shape[0]
+    return student.new_empty((n,), dtype=_F32), student.new_empty((n, 3), dtype=_F32)
 
 
-@torch.library.custom_op("posttrain_kernels::distill_fused_", mutates_args=("student", "teacher"))
+@kernel_op("posttrain_kernels::distill_fused_", mutates_args=("student", "teacher"),
+           fake=_distill_fused_inplace_fake,
+           family="distill")
 def distill_fused_(student: Tensor, teacher: Tensor, labels: Optional[Tensor], ignore_index: int,
                    divergence: int, beta: float, inv_temperature: float, grad_loss: Tensor,
                    backend: str) -> Tuple[Tensor, Tensor]:
@@ -97,9 +109,3 @@ def distill_fused_(student: Tensor, teacher: Tensor, labels: Optional[Tensor], i
     launchers.distill_backward(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, stats,
                                grad_loss.to(_F32).contiguous(), out=student)
     return loss, stats
-
-
-@distill_fused_.register_fake
-def _(student, teacher, labels, ignore_index, divergence, beta, inv_temperature, grad_loss, backend):
-    n = student.shape[0]
-    return student.new_empty((n,), dtype=_F32), student.new_empty((n, 3), dtype=_F32)

@@ -18,7 +18,8 @@ and ``d / d entropy`` in one pass.
 Backends: ``"triton"`` runs the kernels of ``posttrain_kernels.kernels.policy``; every other
 backend name runs the vectorized PyTorch transcription below (same per-token quantities, same
 partials, the same derivative rules). The ops never mutate an input and allocate their outputs,
-so ``torch.compile`` traces them through their fake implementations.
+so ``torch.compile`` traces them (see ``ops.registration``: the Triton kernels are visible to it
+where Triton compiles).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .registration import kernel_op
 
 _F32 = torch.float32
 
@@ -315,7 +318,18 @@ def _check_options(loss_type: str, kl_estimator: str, sequence_level: bool = Fal
         raise ValueError("sequence_level: vespo computes its own sequence weight; expected False, got True")
 
 
-@torch.library.custom_op("posttrain_kernels::policy_token_loss_forward", mutates_args=())
+def _policy_token_loss_forward_fake(logps, old_logps, advantages, mask, ref_logps, entropy, loss_type,
+                                    epsilon_low, epsilon_high, delta,
+      clip_ratio_c, sapo_temperature_pos, sapo_temperature_neg, beta, kl_estimator, use_bias_correction_kl,
+      backend, sampling_logps=None, importance_sampling_ratio=None, entropy_threshold=None, sequence_level=False,
+      off_policy_threshold=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
+    b, t = logps.shape
+    return logps.new_empty((b, t), dtype=_F32), logps.new_empty((b, NSTAT), dtype=_F32)
+
+
+@kernel_op("posttrain_kernels::policy_token_loss_forward", mutates_args=(),
+           fake=_policy_token_loss_forward_fake,
+           family="policy")
 def policy_token_loss_forward(
     logps: Tensor, old_logps: Optional[Tensor], advantages: Tensor, mask: Tensor,
     ref_logps: Optional[Tensor], entropy: Optional[Tensor], loss_type: str, epsilon_low: float,
@@ -349,16 +363,21 @@ def policy_token_loss_forward(
                           importance_sampling_ratio, entropy_threshold, _Opts(*opts, **extra))
 
 
-@policy_token_loss_forward.register_fake
-def _(logps, old_logps, advantages, mask, ref_logps, entropy, loss_type, epsilon_low, epsilon_high, delta,
-      clip_ratio_c, sapo_temperature_pos, sapo_temperature_neg, beta, kl_estimator, use_bias_correction_kl,
-      backend, sampling_logps=None, importance_sampling_ratio=None, entropy_threshold=None, sequence_level=False,
-      off_policy_threshold=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
+def _policy_token_loss_backward_fake(logps, old_logps, advantages, mask, ref_logps, grad_loss, grad_entropy,
+                                     loss_type, epsilon_low,
+      epsilon_high, delta, clip_ratio_c, sapo_temperature_pos, sapo_temperature_neg, beta, kl_estimator,
+      use_bias_correction_kl, backend, partials=None, entropy=None, importance_sampling_ratio=None,
+      entropy_threshold=None, grad_entropy_q=None, sequence_level=False, off_policy_threshold=None,
+      vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     b, t = logps.shape
-    return logps.new_empty((b, t), dtype=_F32), logps.new_empty((b, NSTAT), dtype=_F32)
+    has_gent = grad_entropy is not None or grad_entropy_q is not None
+    return (logps.new_empty((b, t), dtype=_F32),
+            logps.new_empty((b, t) if has_gent else (0,), dtype=_F32))
 
 
-@torch.library.custom_op("posttrain_kernels::policy_token_loss_backward", mutates_args=())
+@kernel_op("posttrain_kernels::policy_token_loss_backward", mutates_args=(),
+           fake=_policy_token_loss_backward_fake,
+           family="policy")
 def policy_token_loss_backward(
     logps: Tensor, old_logps: Optional[Tensor], advantages: Tensor, mask: Tensor,
     ref_logps: Optional[Tensor], grad_loss: Tensor, grad_entropy: Optional[Tensor], loss_type: str,
@@ -389,18 +408,6 @@ def policy_token_loss_backward(
             entropy_threshold=entropy_threshold, grad_entropy_q=grad_entropy_q, **extra)
     return _torch_backward(logps, old_logps, advantages, mask, ref_logps, grad_loss, grad_entropy, partials, entropy,
                            importance_sampling_ratio, entropy_threshold, grad_entropy_q, _Opts(*opts, **extra))
-
-
-@policy_token_loss_backward.register_fake
-def _(logps, old_logps, advantages, mask, ref_logps, grad_loss, grad_entropy, loss_type, epsilon_low,
-      epsilon_high, delta, clip_ratio_c, sapo_temperature_pos, sapo_temperature_neg, beta, kl_estimator,
-      use_bias_correction_kl, backend, partials=None, entropy=None, importance_sampling_ratio=None,
-      entropy_threshold=None, grad_entropy_q=None, sequence_level=False, off_policy_threshold=None,
-      vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
-    b, t = logps.shape
-    has_gent = grad_entropy is not None or grad_entropy_q is not None
-    return (logps.new_empty((b, t), dtype=_F32),
-            logps.new_empty((b, t) if has_gent else (0,), dtype=_F32))
 
 
 # positions of the forward op's arguments (setup_context sees them all, defaults filled in)

@@ -2,7 +2,9 @@
 
 Each op takes 2-D operands (rows x vocab, unit stride along the vocabulary) and the name of a
 concrete backend (see ``posttrain_kernels.dispatch``); it allocates its outputs and never mutates an
-input, so ``torch.compile`` can trace it as an opaque node with a fake (shape-only) implementation.
+input (except the in-place variants below, which say so). ``ops.registration`` registers them: a
+``triton_op`` that ``torch.compile`` traces into where Triton compiles, else a custom op with a fake
+(shape-only) implementation.
 The forward keeps O(rows) state (lse, entropy) and the backward recomputes the softmax from it.
 """
 from typing import Optional, Tuple
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..dispatch import launchers
+from .registration import kernel_op
 
 _F32 = torch.float32
 
@@ -19,7 +22,15 @@ _F32 = torch.float32
 # token_logprobs
 
 
-@torch.library.custom_op("posttrain_kernels::token_logprobs_forward", mutates_args=())
+def _token_logprobs_forward_fake(logits, labels, inv_temperature, ignore_index, compute_entropy, backend):
+    n, k = labels.shape
+    return (logits.new_empty((n, k), dtype=_F32),
+            logits.new_empty((n if compute_entropy else 0,), dtype=_F32),
+            logits.new_empty((n,), dtype=_F32))
+
+
+@kernel_op("posttrain_kernels::token_logprobs_forward", mutates_args=(), fake=_token_logprobs_forward_fake,
+           family="token_logprobs")
 def token_logprobs_forward(logits: Tensor, labels: Tensor, inv_temperature: float, ignore_index: int,
                            compute_entropy: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """logits (N, V), labels int64 (N, K) -> logp (N, K), entropy (N,) or (0,), lse (N,), all fp32."""
@@ -27,26 +38,19 @@ def token_logprobs_forward(logits: Tensor, labels: Tensor, inv_temperature: floa
                                                      compute_entropy)
 
 
-@token_logprobs_forward.register_fake
-def _(logits, labels, inv_temperature, ignore_index, compute_entropy, backend):
-    n, k = labels.shape
-    return (logits.new_empty((n, k), dtype=_F32),
-            logits.new_empty((n if compute_entropy else 0,), dtype=_F32),
-            logits.new_empty((n,), dtype=_F32))
+def _token_logprobs_backward_fake(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+                                  ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("posttrain_kernels::token_logprobs_backward", mutates_args=())
+@kernel_op("posttrain_kernels::token_logprobs_backward", mutates_args=(), fake=_token_logprobs_backward_fake,
+           family="token_logprobs")
 def token_logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
                             grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                             inv_temperature: float, ignore_index: int, backend: str) -> Tensor:
     """The logits gradient (N, V) in the logits dtype, written once."""
     return launchers(backend).token_logprobs_backward(logits, labels, lse, entropy, grad_logp,
                                                       grad_entropy, inv_temperature, ignore_index)
-
-
-@token_logprobs_backward.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_token_logprobs(ctx, inputs, output):
@@ -84,7 +88,13 @@ token_logprobs_forward.register_autograd(_backward_token_logprobs, setup_context
 # cross_entropy
 
 
-@torch.library.custom_op("posttrain_kernels::cross_entropy_forward", mutates_args=())
+def _cross_entropy_forward_fake(logits, labels, ignore_index, label_smoothing, z_loss, softcap, backend):
+    n = labels.shape[0]
+    return logits.new_empty((n,), dtype=_F32), logits.new_empty((n,), dtype=_F32)
+
+
+@kernel_op("posttrain_kernels::cross_entropy_forward", mutates_args=(), fake=_cross_entropy_forward_fake,
+           family="token_logprobs")
 def cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int, label_smoothing: float,
                           z_loss: float, softcap: float, backend: str) -> Tuple[Tensor, Tensor]:
     """logits (N, V), labels int64 (N,) -> per-row loss (N,), lse (N,), fp32."""
@@ -92,23 +102,18 @@ def cross_entropy_forward(logits: Tensor, labels: Tensor, ignore_index: int, lab
                                                     z_loss, softcap)
 
 
-@cross_entropy_forward.register_fake
-def _(logits, labels, ignore_index, label_smoothing, z_loss, softcap, backend):
-    n = labels.shape[0]
-    return logits.new_empty((n,), dtype=_F32), logits.new_empty((n,), dtype=_F32)
+def _cross_entropy_backward_fake(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss,
+                                 softcap, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("posttrain_kernels::cross_entropy_backward", mutates_args=())
+@kernel_op("posttrain_kernels::cross_entropy_backward", mutates_args=(), fake=_cross_entropy_backward_fake,
+           family="token_logprobs")
 def cross_entropy_backward(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                            backend: str) -> Tensor:
     return launchers(backend).cross_entropy_backward(logits, labels, lse, grad_loss, ignore_index,
                                                      label_smoothing, z_loss, softcap)
-
-
-@cross_entropy_backward.register_fake
-def _(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_cross_entropy(ctx, inputs, output):
@@ -133,7 +138,14 @@ cross_entropy_forward.register_autograd(_backward_cross_entropy, setup_context=_
 # [rows, V] buffer instead of two. Not differentiable (they are the backward).
 
 
-@torch.library.custom_op("posttrain_kernels::token_logprobs_backward_", mutates_args=("logits",))
+def _token_logprobs_backward_inplace_fake(logits, labels, lse, entropy, grad_logp, grad_entropy,
+                                          inv_temperature, ignore_index, backend):
+    return None
+
+
+@kernel_op("posttrain_kernels::token_logprobs_backward_", mutates_args=("logits",),
+           fake=_token_logprobs_backward_inplace_fake,
+           family="token_logprobs")
 def token_logprobs_backward_(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor,
                              grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
                              inv_temperature: float, ignore_index: int, backend: str) -> None:
@@ -143,12 +155,15 @@ def token_logprobs_backward_(logits: Tensor, labels: Tensor, lse: Tensor, entrop
                                                out=logits)
 
 
-@token_logprobs_backward_.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, backend):
+def _cross_entropy_backward_inplace_fake(logits, labels, lse, grad_loss, ignore_index, label_smoothing,
+                                         z_loss, softcap, backend,
+      smoothing_vocab=0):
     return None
 
 
-@torch.library.custom_op("posttrain_kernels::cross_entropy_backward_", mutates_args=("logits",))
+@kernel_op("posttrain_kernels::cross_entropy_backward_", mutates_args=("logits",),
+           fake=_cross_entropy_backward_inplace_fake,
+           family="token_logprobs")
 def cross_entropy_backward_(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor,
                             ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                             backend: str, smoothing_vocab: int = 0) -> None:
@@ -161,13 +176,15 @@ def cross_entropy_backward_(logits: Tensor, labels: Tensor, lse: Tensor, grad_lo
                                               smoothing_vocab=smoothing_vocab)
 
 
-@cross_entropy_backward_.register_fake
-def _(logits, labels, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend,
-      smoothing_vocab=0):
-    return None
+def _cross_entropy_fused_inplace_fake(logits, labels, grad_loss, ignore_index, label_smoothing, z_loss,
+                                      softcap, backend):
+    n = labels.shape[0]
+    return logits.new_empty((n,), dtype=_F32), logits.new_empty((n,), dtype=_F32)
 
 
-@torch.library.custom_op("posttrain_kernels::cross_entropy_fused_", mutates_args=("logits",))
+@kernel_op("posttrain_kernels::cross_entropy_fused_", mutates_args=("logits",),
+           fake=_cross_entropy_fused_inplace_fake,
+           family="token_logprobs")
 def cross_entropy_fused_(logits: Tensor, labels: Tensor, grad_loss: Tensor, ignore_index: int,
                          label_smoothing: float, z_loss: float, softcap: float,
                          backend: str) -> Tuple[Tensor, Tensor]:
@@ -175,9 +192,3 @@ def cross_entropy_fused_(logits: Tensor, labels: Tensor, grad_loss: Tensor, igno
     ``sum(grad_loss * loss)`` written over ``logits`` (contiguous ``(N, V)``), in one pass."""
     return launchers(backend).cross_entropy_fused(logits, labels, grad_loss, ignore_index,
                                                   label_smoothing, z_loss, softcap)
-
-
-@cross_entropy_fused_.register_fake
-def _(logits, labels, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
-    n = labels.shape[0]
-    return logits.new_empty((n,), dtype=_F32), logits.new_empty((n,), dtype=_F32)
