@@ -81,8 +81,14 @@ def linear_policy_loss(
     with torch.no_grad():
         policy_loss(zeros, old_logps, advantages, mask, ref_logps=ref, entropy=zeros, **policy_kwargs)
 
-    def loss_of(lp, ent):
-        return policy_loss(lp, old_logps, advantages, mask, ref_logps=ref, entropy=ent, **policy_kwargs)
+    def loss_of(lp, ent, backend="auto"):
+        return policy_loss(lp, old_logps, advantages, mask, ref_logps=ref, entropy=ent, backend=backend,
+                           **policy_kwargs)
+
+    def row_loss(lp, ent):
+        # under torch.compile the token gradient is taken by torch.func, which cannot differentiate a
+        # custom op (the fused policy op): the policy term's PyTorch path there, same formulas
+        return loss_of(lp, ent, "torch" if torch.compiler.is_compiling() else "auto")[0]
 
     if name == "reference":
         lp, ent = linear_token_logprobs_reference(hidden, weight, labels, bias, temperature, ignore_index, True)
@@ -97,7 +103,7 @@ def linear_policy_loss(
 
     need_ent = float(policy_kwargs.get("entropy_coef", 0.0)) != 0.0
     placeholder = (zeros if old_logps is None else old_logps.detach().float())
-    token_grad = gradient_of_rows(lambda lp, ent: loss_of(lp, ent)[0], placeholder, zeros, need_ent)
+    token_grad = gradient_of_rows(row_loss, placeholder, zeros, need_ent)
 
     def loss_fn(lp, ent):
         loss, metrics = loss_of(lp, ent)
