@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import token_logprobs as chunk_ops
 from .linear_head import _F32, _Grads, _Head
+from .registration import opaque
 
 # A group of sequences: the token-row ranges (slices of the flattened (S * T) tokens) that hold
 # them, each range a whole number of sequences, in the order seq_loss expects their log-probs.
@@ -48,6 +49,7 @@ class LinearSequenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, groups, seq_len, seq_loss, metric_names, inv_t,
                 ignore_index, chunk, fp32_logits, grad_enabled, backend):
+        ops = _ops()
         needs = tuple(bool(grad_enabled and x) for x in ctx.needs_input_grad[:3])
         grads = _Grads(hidden, weight, bias, needs) if any(needs) else None
         if grads is not None and grads.hidden is not None:
@@ -61,7 +63,7 @@ class LinearSequenceLoss(torch.autograd.Function):
             n_group = sum(r.stop - r.start for r in group)
             if grads is not None and n_group <= chunk and inv_t == 1.0:
                 seq, loss_g, met_g = _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads,
-                                                  minus_one[:n_group], ignore_index, backend)
+                                                  minus_one[:n_group], ignore_index, backend, ops)
                 total += loss_g
                 metrics += torch.stack([met_g[k].detach().float() for k in metric_names])
                 continue
@@ -71,8 +73,7 @@ class LinearSequenceLoss(torch.autograd.Function):
             kept, lses, seq_parts = [], [], []
             for sc in pieces:
                 z = head.logits(hidden[sc])
-                lp, _, lse = chunk_ops.token_logprobs_forward(z, labels[sc], inv_t, ignore_index, False,
-                                                              backend)
+                lp, _, lse = ops.token_logprobs_forward(z, labels[sc], inv_t, ignore_index, False, backend)
                 lses.append(lse)
                 seq_parts.append(lp)
                 if keep:
@@ -93,9 +94,8 @@ class LinearSequenceLoss(torch.autograd.Function):
             for i, sc in enumerate(pieces):
                 n = sc.stop - sc.start
                 z = kept[i] if keep else head.logits(hidden[sc])
-                chunk_ops.token_logprobs_backward_(z, labels[sc], lses[i], empty,
-                                                   g_tok[offset:offset + n], None, inv_t,
-                                                   ignore_index, backend)
+                ops.token_logprobs_backward_(z, labels[sc], lses[i], empty, g_tok[offset:offset + n], None,
+                                             inv_t, ignore_index, backend)
                 grads.add_chunk(sc, z, hidden[sc], head)
                 offset += n
                 if keep:
@@ -119,6 +119,23 @@ class LinearSequenceLoss(torch.autograd.Function):
         return (gh, gw, gb) + (None,) * 11
 
 
+class _Ops:
+    """The three ops the groups call."""
+
+    def __init__(self, wrap):
+        self.token_logprobs_forward = wrap(chunk_ops.token_logprobs_forward)
+        self.token_logprobs_backward_ = wrap(chunk_ops.token_logprobs_backward_)
+        self.cross_entropy_fused_ = wrap(chunk_ops.cross_entropy_fused_)
+
+
+def _ops() -> _Ops:
+    """Eagerly, the ops. Compiled, their opaque forms (``registration.opaque``): on an H200 (torch
+    2.11) inductor gave this loss eager's value but zero hidden-state gradients when it traced the
+    Triton kernels here (the other families were right); until that is understood, compiled
+    preference losses launch the kernels from opaque ops, as before the ops were ``triton_op``s."""
+    return _Ops(opaque) if torch.compiler.is_compiling() else _Ops(lambda op: op)
+
+
 def _seq_grad(seq_loss, seq: Tensor, gi: int):
     """The group's loss, metrics and ``d loss / d seq``: ``torch.autograd.grad`` eagerly, ``torch.func``
     under ``torch.compile`` (dynamo does not trace ``torch.autograd.grad`` by default)."""
@@ -131,7 +148,8 @@ def _seq_grad(seq_loss, seq: Tensor, gi: int):
         return torch.autograd.grad(loss_g, leaf)[0], loss_g, met_g
 
 
-def _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads, minus_one, ignore_index, backend):
+def _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads, minus_one, ignore_index, backend,
+                 ops):
     """A group that fits the chunk, in one pass: its rows gathered into one GEMM operand (one
     larger GEMM instead of one per range), the log-probs and the unit gradient
     ``d logp / d z = onehot - p`` from the fused cross-entropy kernel (upstream -1, so its loss is
@@ -141,8 +159,8 @@ def _fused_group(hidden, labels, group, seq_len, seq_loss, gi, head, grads, minu
     h_g = hidden[group[0]] if len(group) == 1 else torch.cat([hidden[r] for r in group])
     lab_g = labels[group[0]] if len(group) == 1 else torch.cat([labels[r] for r in group])
     z = head.logits(h_g)
-    nll, _ = chunk_ops.cross_entropy_fused_(z, lab_g[:, 0].contiguous(), minus_one, ignore_index, 0.0, 0.0,
-                                            0.0, backend)
+    nll, _ = ops.cross_entropy_fused_(z, lab_g[:, 0].contiguous(), minus_one, ignore_index, 0.0, 0.0, 0.0,
+                                      backend)
     seq = nll.neg().view(-1, seq_len).sum(-1)  # ignored tokens have loss 0
     g_seq, loss_g, met_g = _seq_grad(seq_loss, seq, gi)
     g_tok = g_seq.to(_F32).repeat_interleave(seq_len)
