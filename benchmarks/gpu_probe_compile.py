@@ -1,0 +1,63 @@
+"""GPU probe (run by benchmarks/gpu_session.sh): a compiled fused-linear preference step with the
+Triton ops traced by inductor, against eager, in variants that tell where a difference comes from:
+the Triton ops under inductor or under ``aot_eager`` (AOTAutograd's graph run op by op, no
+inductor), the opaque CUDA ops under inductor, and the one-GEMM-per-group path (``chunk_size``
+above the group). Prints the largest difference of the loss and of each gradient, and writes
+inductor's code of the first variant to ``$OUT/res/preference_inductor_code.py``.
+
+    python3 -m benchmarks.gpu_probe_compile
+"""
+import os
+import sys
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import posttrain_kernels as ptk
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from triton_op_cases import CASES  # noqa: E402
+
+
+def step(fn, inputs):
+    xs = [x.detach().clone().requires_grad_(i in (0, 1)) if x.is_floating_point() else x
+          for i, x in enumerate(inputs)]
+    loss = fn(*xs)
+    loss.backward()
+    return [loss.detach(), xs[0].grad, xs[1].grad]
+
+
+def make(backend, chunk):
+    def fn(h, w, y, ref):
+        return ptk.linear_preference_loss(h, w, y, ref_logps=ref, loss_type="sigmoid", beta=0.1, chunk_size=chunk,
+                                          backend=backend)[0]
+    return fn
+
+
+def main():
+    inputs = CASES["linear_preference_loss"].build("cuda")
+    out = os.environ.get("OUT", "/tmp")
+    for backend, compiler, chunk in (("triton", "inductor", 2), ("triton", "aot_eager", 2), ("cuda", "inductor", 2),
+                                     ("triton", "inductor", 64), ("triton", "inductor", 3)):
+        torch._dynamo.reset()
+        want = step(make(backend, chunk), inputs)
+        compiled = torch.compile(make(backend, chunk), backend=compiler, fullgraph=True)
+        try:
+            if compiler == "inductor" and backend == "triton" and chunk == 2:
+                got, code = run_and_get_code(lambda: step(compiled, inputs))
+                os.makedirs(os.path.join(out, "res"), exist_ok=True)
+                with open(os.path.join(out, "res", "preference_inductor_code.py"), "w") as f:
+                    f.write("\n\n# ----- next module -----\n\n".join(code))
+            else:
+                got = step(compiled, inputs)
+            diffs = [float((a - b).abs().max()) for a, b in zip(got, want)]
+            zero = [float(g.abs().max()) for g in got[1:]]
+            print(f"{backend:6s} {compiler:9s} chunk {chunk:2d}: |d loss| {diffs[0]:.3g}  |d grad_h| {diffs[1]:.3g}  "
+                  f"|d grad_w| {diffs[2]:.3g}  (max |grad_h| {zero[0]:.3g}, |grad_w| {zero[1]:.3g}; eager "
+                  f"{float(want[1].abs().max()):.3g}, {float(want[2].abs().max()):.3g})", flush=True)
+        except Exception as e:  # the variant's failure is the finding
+            print(f"{backend:6s} {compiler:9s} chunk {chunk:2d}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
