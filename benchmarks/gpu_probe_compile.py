@@ -19,15 +19,9 @@ import posttrain_kernels as ptk
 from posttrain_kernels.ops import linear_sequence_loss
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from triton_op_cases import CASES  # noqa: E402
+from triton_op_cases import CASES, run_step  # noqa: E402
 
 
-def step(fn, inputs):
-    xs = [x.detach().clone().requires_grad_(i in (0, 1)) if x.is_floating_point() else x
-          for i, x in enumerate(inputs)]
-    loss = fn(*xs)
-    loss.backward()
-    return [loss.detach(), xs[0].grad, xs[1].grad]
 
 
 def make(backend, chunk):
@@ -46,16 +40,16 @@ def main():
                                              (True, "triton", "inductor", 64), (True, "triton", "inductor", 3)):
         linear_sequence_loss._ops = ((lambda: linear_sequence_loss._Ops(lambda op: op)) if traced else opaque_ops)
         torch._dynamo.reset()
-        want = step(make(backend, chunk), inputs)
+        want = run_step(make(backend, chunk), inputs, (0, 1))
         compiled = torch.compile(make(backend, chunk), backend=compiler, fullgraph=True)
         try:
             if traced and compiler == "inductor" and chunk == 2:
-                got, code = run_and_get_code(lambda: step(compiled, inputs))
+                got, code = run_and_get_code(lambda: run_step(compiled, inputs, (0, 1)))
                 os.makedirs(os.path.join(out, "res"), exist_ok=True)
                 with open(os.path.join(out, "res", "preference_inductor_code.py"), "w") as f:
                     f.write("\n\n# ----- next module -----\n\n".join(code))
             else:
-                got = step(compiled, inputs)
+                got = run_step(compiled, inputs, (0, 1))
             diffs = [float((a - b).abs().max()) for a, b in zip(got, want)]
             zero = [float(g.abs().max()) for g in got[1:]]
             print(f"{'traced' if traced else 'opaque'} {backend:6s} {compiler:9s} chunk {chunk:2d}: |d loss| {diffs[0]:.3g}  |d grad_h| {diffs[1]:.3g}  "

@@ -274,11 +274,7 @@ def test_compiled_linear_preference_loss():
     check_compiled_step(fn, (h, w, labels, ref), [0, 1])
 
 
-def test_compiled_linear_policy_loss():
-    def fn(h, w, y, old, adv, mask):
-        return ptk.linear_policy_loss(h, w, y, old, adv, mask, loss_type="grpo", temperature=0.7, chunk_size=4,
-                                      backend="cpu" if LIVE["cpu"] else "torch")
-
+def _linear_policy_inputs():
     g = torch.Generator().manual_seed(8)
     h = torch.randn(2, 4, 8, generator=g)
     w = torch.randn(13, 8, generator=g) * 0.5
@@ -286,6 +282,15 @@ def test_compiled_linear_policy_loss():
     old = -torch.rand(2, 4, generator=g) * 3
     adv = torch.randn(2, generator=g)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    return h, w, labels, old, adv, mask
+
+
+def test_compiled_linear_policy_loss():
+    def fn(h, w, y, old, adv, mask):
+        return ptk.linear_policy_loss(h, w, y, old, adv, mask, loss_type="grpo", temperature=0.7, chunk_size=4,
+                                      backend="cpu" if LIVE["cpu"] else "torch")
+
+    h, w, labels, old, adv, mask = _linear_policy_inputs()
     check_compiled_step(fn, (h, w, labels, old, adv, mask), [0, 1])
 
 
@@ -301,13 +306,7 @@ def test_compiled_linear_policy_loss_with_fused_policy_op(monkeypatch):
         return ptk.linear_policy_loss(h, w, y, old, adv, mask, loss_type="grpo", temperature=0.7,
                                       chunk_size=4, backend="cpu" if LIVE["cpu"] else "torch")
 
-    g = torch.Generator().manual_seed(8)
-    h = torch.randn(2, 4, 8, generator=g)
-    w = torch.randn(13, 8, generator=g) * 0.5
-    labels = torch.randint(0, 13, (2, 4), generator=g)
-    old = -torch.rand(2, 4, generator=g) * 3
-    adv = torch.randn(2, generator=g)
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    h, w, labels, old, adv, mask = _linear_policy_inputs()
     # (the fused op traced: its metrics, outside torch.func)
     check_compiled_step(fn, (h, w, labels, old, adv, mask), [0, 1], "policy_token_loss_forward", atol=1e-5)
 

@@ -26,7 +26,7 @@ import posttrain_kernels.ops.policy  # noqa: F401
 import posttrain_kernels.ops.token_logprobs  # noqa: F401
 from conftest import HAS_CUDA, LIVE
 from posttrain_kernels.ops import registration
-from triton_op_cases import CASES, IGN
+from triton_op_cases import CASES, IGN, run_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ops = torch.ops.posttrain_kernels
@@ -95,12 +95,6 @@ gpu = pytest.mark.skipif(not (HAS_CUDA and registration.TRITON_TRACEABLE and LIV
                          reason="needs a CUDA device and compiled Triton")
 
 
-def _step(fn, inputs, grad_idx):
-    xs = [x.detach().clone().requires_grad_(i in grad_idx) if x.is_floating_point() else x
-          for i, x in enumerate(inputs)]
-    loss = fn(*xs)
-    loss.backward()
-    return [loss.detach()] + [xs[i].grad for i in grad_idx]
 
 
 @gpu
@@ -113,9 +107,9 @@ def test_inductor_runs_the_kernels(case, dynamic):
     inputs = c.build("cuda")
     fn = c.step("triton")
     torch._dynamo.reset()
-    eager = _step(fn, inputs, c.grad_idx)
+    eager = run_step(fn, inputs, c.grad_idx)
     compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
-    got, code = run_and_get_code(lambda: _step(compiled, inputs, c.grad_idx))
+    got, code = run_and_get_code(lambda: run_step(compiled, inputs, c.grad_idx))
     code = "\n".join(code)
     for name in c.kernels:
         assert name in code, f"{name} is not in inductor's code"

@@ -28,6 +28,15 @@ class Case:
     opaque: frozenset = frozenset()
 
 
+def run_step(fn, inputs, grad_idx):
+    """fn(*inputs) with the floating inputs at grad_idx differentiated: [loss, their gradients]."""
+    xs = [x.detach().clone().requires_grad_(i in grad_idx) if x.is_floating_point() else x
+          for i, x in enumerate(inputs)]
+    loss = fn(*xs)
+    loss.backward()
+    return [loss.detach()] + [xs[i].grad for i in grad_idx]
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -32,7 +32,7 @@ from posttrain_kernels import dispatch  # noqa: E402
 from posttrain_kernels.ops import registration  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from triton_op_cases import CASES  # noqa: E402
+from triton_op_cases import CASES, run_step  # noqa: E402
 
 if not torch.cuda.is_available():
     from triton.backends.compiler import GPUTarget
@@ -183,8 +183,8 @@ def emulated():
             inputs = case.build("cpu")
             torch._dynamo.reset()
             try:
-                want = _step(case.step(reference), inputs, case.grad_idx)
-                got = _step(torch.compile(case.step("triton"), backend="aot_eager", fullgraph=True), inputs,
+                want = run_step(case.step(reference), inputs, case.grad_idx)
+                got = run_step(torch.compile(case.step("triton"), backend="aot_eager", fullgraph=True), inputs,
                             case.grad_idx)
                 out[name] = {"max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(want, got)),
                              "max_abs": max(float(a.abs().max()) for a in want)}
@@ -195,12 +195,6 @@ def emulated():
     return out
 
 
-def _step(fn, inputs, grad_idx):
-    xs = [x.detach().clone().requires_grad_(i in grad_idx) if x.is_floating_point() else x
-          for i, x in enumerate(inputs)]
-    loss = fn(*xs)
-    loss.backward()
-    return [loss.detach()] + [xs[i].grad for i in grad_idx]
 
 
 def native():
@@ -212,8 +206,8 @@ def native():
         fn = case.step(backend)
         torch._dynamo.reset()
         try:
-            eager = _step(fn, inputs, case.grad_idx)
-            compiled = _step(torch.compile(fn, fullgraph=True), inputs, case.grad_idx)
+            eager = run_step(fn, inputs, case.grad_idx)
+            compiled = run_step(torch.compile(fn, fullgraph=True), inputs, case.grad_idx)
             out[name] = {"max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(eager, compiled)),
                          "backend": backend}
         except Exception as e:
