@@ -59,10 +59,11 @@ def test_compiled_graph_launches_the_kernels(worker, case, shapes):
     assert set(got["kernels"]) == CASES[case].kernels, got["kernels"]
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("case", ["token_logprobs", "linear_token_logprobs", "linear_policy_loss"])
-def test_compiled_graph_computes_eager_numbers(worker, case):
-    """AOTAutograd's functional graph of the triton_ops, run with the kernel launches emulated."""
-    got = worker["emulated"][case]
+def test_compiled_graph_computes_eager_numbers(worker, case, compiler):
+    """The compiled graph of the triton_ops, run with the kernel launches emulated."""
+    got = worker["emulated"][f"{case}/{compiler}"]
     assert "error" not in got, got.get("error")
     assert got["max_abs_diff"] <= 1e-5 * max(1.0, got["max_abs"]), got
 

@@ -9,9 +9,10 @@ any ``posttrain_kernels`` op left opaque. torch's mutation analysis of each kern
 Triton IR for a target: without a GPU, a stand-in driver names sm_90.
 
 ``emulated``: the compiled steps of the families that launch only the token log-prob kernels, run
-on the CPU through ``aot_eager`` with each launch emulated in PyTorch: AOTAutograd's functionalized
-graph (each in-place launch made functional, mutated buffers cloned or not, outputs reused) must
-give the eager CPU backend's loss and gradients, which a trace alone cannot show.
+on the CPU with each launch emulated in PyTorch, through ``aot_eager`` and through inductor's own
+generated wrapper: AOTAutograd's functionalized graph (each in-place launch made functional,
+mutated buffers cloned or not) and inductor's buffer planning around the kernels must give the
+eager CPU backend's loss and gradients, which a trace alone cannot show.
 
 ``native``: the same ops with the CPU backends, compiled by inductor and run, against eager: the
 path through the ``<op>_native`` companions."""
@@ -148,6 +149,27 @@ EMULATED = {"_token_logprobs_fwd_kernel": _emulate_token_logprobs_fwd,
             "_token_logprobs_bwd_kernel": _emulate_token_logprobs_bwd}
 
 
+class _EmulatedInductorKernel:
+    """What inductor's wrapper launches for one of our kernels (``async_compile.triton`` of its
+    source), emulated: the arguments in the kernel's order without the constexprs inductor baked
+    into the source, then the grid."""
+
+    def __init__(self, kernel, source):
+        import ast
+        import re
+
+        declared = ast.literal_eval(re.search(r"'declared_constexpr_names': (\[[^\]]*\])", source).group(1))
+        constants = ast.literal_eval(re.search(r"'constants': (\{[^}]*\})", source).group(1))
+        self.names = [a for a in kernel.arg_names if a not in declared]
+        self.constants = {k: v for k, v in constants.items() if k in declared}
+        self.emulate = EMULATED[kernel.__name__]
+
+    def run(self, *args, **kwargs):
+        values = dict(zip(self.names, args))
+        values.update(self.constants)
+        self.emulate(values)
+
+
 class _EmulatedLaunch:
     def __init__(self, kernel):
         self.arg_names = kernel.arg_names
@@ -161,11 +183,24 @@ class _EmulatedLaunch:
 
 
 def emulated():
-    """The compiled steps of the families whose graphs launch only the token log-prob kernels, run
-    through ``aot_eager`` with each launch emulated in PyTorch (the kernels cannot run on a CPU in
-    compiled mode): AOTAutograd's functionalized graph, its clones and its reuse of the kernels'
-    outputs, must give the eager CPU backend's loss and gradients."""
+    """The compiled steps of the families whose graphs launch only the token log-prob kernels, each
+    launch emulated in PyTorch (the kernels cannot run on a CPU in compiled mode), must give the
+    eager CPU backend's loss and gradients: through ``aot_eager`` (AOTAutograd's functionalized
+    graph, its clones and its reuse of the kernels' outputs) and through inductor (its wrapper's
+    buffer planning, reuse and in-place decisions around the kernels)."""
+    import re
+
+    from posttrain_kernels.kernels import token_logprobs as token_kernels
+    from torch._inductor import async_compile
+
     get_kernel = kernel_side_table.get_kernel
+    compile_triton = async_compile.AsyncCompile.triton
+
+    def inductor_kernel(self, kernel_name, source_code, device_str="cuda"):
+        ours = re.search(r"\ndef (_token_logprobs_(?:fwd|bwd)_kernel)\(", source_code)
+        if ours and "custom_kernel=True" in source_code:
+            return _EmulatedInductorKernel(getattr(token_kernels, ours.group(1)), source_code)
+        return compile_triton(self, kernel_name, source_code, device_str)
 
     def kernel_for(idx):
         kernel = get_kernel(idx)
@@ -175,23 +210,27 @@ def emulated():
         return _EmulatedLaunch(getattr(kernel, "fn", kernel))
 
     kernel_side_table.get_kernel = kernel_for
+    async_compile.AsyncCompile.triton = inductor_kernel
     reference = "cpu" if dispatch.live_backends()["cpu"] else "torch"
     out = {}
     try:
         for name in ("token_logprobs", "linear_token_logprobs", "linear_policy_loss"):
             case = CASES[name]
             inputs = case.build("cpu")
-            torch._dynamo.reset()
-            try:
-                want = run_step(case.step(reference), inputs, case.grad_idx)
-                got = run_step(torch.compile(case.step("triton"), backend="aot_eager", fullgraph=True), inputs,
-                            case.grad_idx)
-                out[name] = {"max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(want, got)),
-                             "max_abs": max(float(a.abs().max()) for a in want)}
-            except Exception as e:
-                out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            want = run_step(case.step(reference), inputs, case.grad_idx)
+            for compiler in ("aot_eager", "inductor"):
+                torch._dynamo.reset()
+                try:
+                    got = run_step(torch.compile(case.step("triton"), backend=compiler, fullgraph=True), inputs,
+                                   case.grad_idx)
+                    out[f"{name}/{compiler}"] = {
+                        "max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(want, got)),
+                        "max_abs": max(float(a.abs().max()) for a in want)}
+                except Exception as e:
+                    out[f"{name}/{compiler}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     finally:
         kernel_side_table.get_kernel = get_kernel
+        async_compile.AsyncCompile.triton = compile_triton
     return out
 
 
