@@ -24,12 +24,17 @@ import torch
 
 from ..dispatch import triton_interpreting
 
+try:  # whether a triton_op's implementation runs eagerly (off) or is being traced (on)
+    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+except ImportError:  # torch < 2.6: no triton_op either
+    is_wrap_triton_enabled = set_wrap_triton_enabled = None
+
 
 def triton_traceable() -> bool:
     """Whether the ops are registered as ``triton_op``s: torch has ``triton_op``, Triton is
     installed and does not interpret (decided once, when the ops are defined)."""
-    return (hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
-            and not triton_interpreting())
+    return (hasattr(torch.library, "triton_op") and is_wrap_triton_enabled is not None
+            and importlib.util.find_spec("triton") is not None and not triton_interpreting())
 
 
 TRITON_TRACEABLE = triton_traceable()
@@ -55,8 +60,6 @@ def _launching_directly(impl: Callable) -> Callable:
     """``impl`` with ``wrap_triton`` returning the kernel itself, as a ``triton_op`` does for its own
     eager calls: run inside an opaque op (``opaque``), the traceable wrapper would dispatch each
     launch as a higher-order op (about a millisecond each)."""
-    from torch._library.triton import set_wrap_triton_enabled
-
     @functools.wraps(impl)
     def run(*args, **kwargs):
         with set_wrap_triton_enabled(False):
@@ -92,11 +95,17 @@ def kernel_op(name: str, *, mutates_args: Iterable[str], fake: Callable, family:
         native.register_fake(fake)
         # annotations resolved in impl's module (they may be strings: ``from __future__``)
         signature = inspect.signature(impl, eval_str=True)
+        backend_at = list(signature.parameters).index("backend")
 
         @functools.wraps(impl)
         def traced(*args, **kwargs):
-            # the triton launchers wrap each launch (traceable); everything else stays opaque
-            if signature.bind(*args, **kwargs).arguments["backend"] == "triton":
+            # Run eagerly (the triton_op turns wrap_triton off around its own calls), the launchers
+            # directly. Traced (fake or functional tensors), the Triton launchers wrap each launch
+            # and every other backend stays one opaque op.
+            if not is_wrap_triton_enabled():
+                return impl(*args, **kwargs)
+            backend = args[backend_at] if len(args) > backend_at else kwargs["backend"]
+            if backend == "triton":
                 return impl(*args, **kwargs)
             return native(*args, **kwargs)
 
