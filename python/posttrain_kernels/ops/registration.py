@@ -1,7 +1,7 @@
 """How the ops of ``posttrain_kernels::*`` are registered with ``torch.library``.
 
-Every op takes the name of a concrete backend. Where Triton compiles kernels (a GPU, no
-``TRITON_INTERPRET``), an op is a ``torch.library.triton_op``: ``torch.compile`` traces into it,
+Every op takes the name of a concrete backend. Where Triton compiles kernels (Triton installed,
+no ``TRITON_INTERPRET``), an op is a ``torch.library.triton_op``: ``torch.compile`` traces into it,
 and with ``backend="triton"`` it sees each kernel launch (the launchers call them through
 ``wrap_triton``), so inductor schedules our kernels in its own graph instead of calling an opaque
 op. The other backends (the C++/CUDA kernels of ``_C``, the chunked PyTorch path) stay opaque: the
@@ -11,7 +11,8 @@ opaque under ``torch.compile`` too (any backend runs through it).
 
 Under ``TRITON_INTERPRET=1`` (the CPU tests), or without Triton, the op is one plain ``custom_op``
 with the fake implementation: torch cannot trace interpreted kernels (tracing them reads the data
-pointers of fake tensors). Either way the op's name, schema, autograd and results are the same.
+pointers of fake tensors). Either way the op's name, schema, autograd and results are the same,
+and run eagerly an op calls its backend's launchers directly.
 """
 from __future__ import annotations
 
