@@ -26,7 +26,7 @@ import posttrain_kernels.ops.policy  # noqa: F401
 import posttrain_kernels.ops.token_logprobs  # noqa: F401
 from conftest import HAS_CUDA, LIVE
 from posttrain_kernels.ops import registration
-from triton_op_cases import CASES, IGN, run_step
+from triton_op_cases import CASES, EMULATED_CASES, IGN, run_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ops = torch.ops.posttrain_kernels
@@ -60,7 +60,7 @@ def test_compiled_graph_launches_the_kernels(worker, case, shapes):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("case", ["token_logprobs", "linear_token_logprobs", "linear_policy_loss"])
+@pytest.mark.parametrize("case", EMULATED_CASES)
 def test_compiled_graph_computes_eager_numbers(worker, case, compiler):
     """The compiled graph of the triton_ops, run with the kernel launches emulated."""
     got = worker["emulated"][f"{case}/{compiler}"]

@@ -180,3 +180,8 @@ CASES = {
     # (the fused-linear policy loss computes its per-token terms in PyTorch, between the kernels)
     "linear_policy_loss": Case(_linear_policy_inputs, _linear_policy, (0, 1), frozenset({TL_FWD, TL_BWD})),
 }
+
+# the families whose compiled graphs (on the CPU) launch only the token log-prob and cross-entropy
+# kernels, which triton_op_worker.py can emulate
+EMULATED_CASES = ("token_logprobs", "cross_entropy", "linear_token_logprobs", "linear_cross_entropy",
+                  "linear_policy_loss")

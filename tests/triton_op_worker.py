@@ -8,7 +8,8 @@ never run (the kernels cannot launch on a CPU). Reports the Triton kernels the g
 any ``posttrain_kernels`` op left opaque. torch's mutation analysis of each kernel compiles it to
 Triton IR for a target: without a GPU, a stand-in driver names sm_90.
 
-``emulated``: the compiled steps of the families that launch only the token log-prob kernels, run
+``emulated``: the compiled steps of the families that launch only the token log-prob and
+cross-entropy kernels (the fused one writes its gradient over its input), run
 on the CPU with each launch emulated in PyTorch, through ``aot_eager`` and through inductor's own
 generated wrapper: AOTAutograd's functionalized graph (each in-place launch made functional,
 mutated buffers cloned or not) and inductor's buffer planning around the kernels must give the
@@ -33,7 +34,7 @@ from posttrain_kernels import dispatch  # noqa: E402
 from posttrain_kernels.ops import registration  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from triton_op_cases import CASES, run_step  # noqa: E402
+from triton_op_cases import CASES, EMULATED_CASES, run_step  # noqa: E402
 
 if not torch.cuda.is_available():
     from triton.backends.compiler import GPUTarget
@@ -145,8 +146,59 @@ def _emulate_token_logprobs_bwd(a):
     a["grad_logits_ptr"].copy_(torch.where(valid.any(1)[:, None], grad * a["inv_t"], 0.0))
 
 
+def _cross_entropy_rows(a, logits):
+    """x (soft-capped), the labels, the valid rows, lse and the loss of the cross-entropy kernels."""
+    x = logits.float()
+    if a["HAS_SOFTCAP"]:
+        x = a["softcap"] * torch.tanh(x * a["inv_softcap"])
+    n, v = x.shape
+    lab = a["labels_ptr"].as_strided((n,), (a["stride_labels"],), a["labels_ptr"].storage_offset())
+    valid = lab != a["ignore_index"]
+    lse = torch.logsumexp(x, 1)
+    eps = a["label_smoothing"]
+    x_y = x.gather(1, lab.clamp(0, v - 1)[:, None])[:, 0]
+    loss = (1 - eps) * (lse - x_y) + eps * (lse - x.mean(1)) + a["z_loss"] * lse * lse
+    return x, lab, valid, torch.where(valid, lse, 0.0), torch.where(valid, loss, 0.0)
+
+
+def _cross_entropy_grad(a, x, lab, valid, lse, eps_per_class):
+    n, v = x.shape
+    g = a["grad_loss_ptr"].as_strided((n,), (a["stride_gloss"],), a["grad_loss_ptr"].storage_offset())
+    p = torch.exp(x - lse[:, None])
+    in_block = (lab >= 0) & (lab < v)
+    onehot = torch.zeros(n, v).scatter_(1, lab.clamp(0, v - 1)[:, None], in_block[:, None].float())
+    grad = p * (1 + 2 * a["z_loss"] * lse[:, None]) - (1 - a["label_smoothing"]) * onehot - eps_per_class
+    if a["HAS_SOFTCAP"]:
+        grad = grad * (1 - (x * a["inv_softcap"]) ** 2)
+    return torch.where(valid[:, None], g[:, None] * grad, 0.0)
+
+
+def _emulate_cross_entropy_fwd(a):
+    _, _, _, lse, loss = _cross_entropy_rows(a, a["logits_ptr"])
+    a["loss_ptr"].copy_(loss)
+    a["lse_ptr"].copy_(lse)
+
+
+def _emulate_cross_entropy_bwd(a):
+    x, lab, valid, _, _ = _cross_entropy_rows(a, a["logits_ptr"])
+    lse = a["lse_ptr"][:x.shape[0]]
+    grad = _cross_entropy_grad(a, x, lab, valid, lse, a["eps_per_class"])
+    a["grad_logits_ptr"].copy_(grad.to(a["grad_logits_ptr"].dtype))
+
+
+def _emulate_cross_entropy_fused(a):
+    x, lab, valid, lse, loss = _cross_entropy_rows(a, a["logits_ptr"])
+    a["loss_ptr"].copy_(loss)
+    a["lse_ptr"].copy_(lse)
+    grad = _cross_entropy_grad(a, x, lab, valid, lse, a["label_smoothing"] / x.shape[1])
+    a["logits_ptr"].copy_(grad.to(a["logits_ptr"].dtype))
+
+
 EMULATED = {"_token_logprobs_fwd_kernel": _emulate_token_logprobs_fwd,
-            "_token_logprobs_bwd_kernel": _emulate_token_logprobs_bwd}
+            "_token_logprobs_bwd_kernel": _emulate_token_logprobs_bwd,
+            "_cross_entropy_fwd_kernel": _emulate_cross_entropy_fwd,
+            "_cross_entropy_bwd_kernel": _emulate_cross_entropy_bwd,
+            "_cross_entropy_fused_kernel": _emulate_cross_entropy_fused}
 
 
 class _EmulatedInductorKernel:
@@ -183,8 +235,8 @@ class _EmulatedLaunch:
 
 
 def emulated():
-    """The compiled steps of the families whose graphs launch only the token log-prob kernels, each
-    launch emulated in PyTorch (the kernels cannot run on a CPU in compiled mode), must give the
+    """The compiled steps of the families whose graphs launch only the token log-prob and
+    cross-entropy kernels, each launch emulated in PyTorch (the kernels cannot run on a CPU in compiled mode), must give the
     eager CPU backend's loss and gradients: through ``aot_eager`` (AOTAutograd's functionalized
     graph, its clones and its reuse of the kernels' outputs) and through inductor (its wrapper's
     buffer planning, reuse and in-place decisions around the kernels)."""
@@ -197,7 +249,7 @@ def emulated():
     compile_triton = async_compile.AsyncCompile.triton
 
     def inductor_kernel(self, kernel_name, source_code, device_str="cuda"):
-        ours = re.search(r"\ndef (_token_logprobs_(?:fwd|bwd)_kernel)\(", source_code)
+        ours = re.search(r"\ndef (_(?:token_logprobs|cross_entropy)_(?:fwd|bwd|fused)_kernel)\(", source_code)
         if ours and "custom_kernel=True" in source_code:
             return _EmulatedInductorKernel(getattr(token_kernels, ours.group(1)), source_code)
         return compile_triton(self, kernel_name, source_code, device_str)
@@ -214,7 +266,7 @@ def emulated():
     reference = "cpu" if dispatch.live_backends()["cpu"] else "torch"
     out = {}
     try:
-        for name in ("token_logprobs", "linear_token_logprobs", "linear_policy_loss"):
+        for name in EMULATED_CASES:
             case = CASES[name]
             inputs = case.build("cpu")
             want = run_step(case.step(reference), inputs, case.grad_idx)
