@@ -120,7 +120,7 @@ class LinearSequenceLoss(torch.autograd.Function):
 
 
 class _Ops:
-    """The three ops the groups call."""
+    """The three ops the groups call, each passed through ``wrap``."""
 
     def __init__(self, wrap):
         self.token_logprobs_forward = wrap(chunk_ops.token_logprobs_forward)
@@ -128,12 +128,12 @@ class _Ops:
         self.cross_entropy_fused_ = wrap(chunk_ops.cross_entropy_fused_)
 
 
-def _ops() -> _Ops:
+def _ops():
     """Eagerly, the ops. Compiled, their opaque forms (``registration.opaque``): on an H200 (torch
     2.11) inductor gave this loss eager's value but zero hidden-state gradients when it traced the
     Triton kernels here (the other families were right); until that is understood, compiled
     preference losses launch the kernels from opaque ops, as before the ops were ``triton_op``s."""
-    return _Ops(opaque) if torch.compiler.is_compiling() else _Ops(lambda op: op)
+    return _Ops(opaque) if torch.compiler.is_compiling() else chunk_ops
 
 
 def _seq_grad(seq_loss, seq: Tensor, gi: int):
