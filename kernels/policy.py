@@ -274,7 +274,7 @@ def _load_tile(
     in_row = cols < T
     w = tl.load(mask_row + cols, mask=in_row, other=0)
     valid = w != 0  # in the mask's own dtype, before any rounding to fp32
-    w = tl.cast(w, tl.float32)
+    w = w.to(tl.float32)
     lp = tl.load(logps_row + cols, mask=valid, other=0.0).to(tl.float32)
     if HAS_OLD:
         old = tl.load(old_row + cols, mask=valid, other=0.0).to(tl.float32)
